@@ -1,0 +1,749 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * tcpscope kernel side: TCP state transitions, retransmits and resets.
+ *
+ * Every tracepoint has one shared handler (the *__handle functions) and three
+ * thin entry points, one per attach flavour: tp_btf, raw_tp and the classic
+ * tracepoint. User space probes which flavour the running kernel supports and
+ * turns autoload off for the others before load, so a single object serves
+ * every kernel (CO-RE) and no flavour is chosen at build time.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#include "tcpscope/events.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define RCV_SHUTDOWN 1
+#define SEND_SHUTDOWN 2
+#define PF_KTHREAD 0x00200000
+
+/* Configuration: written by user space between open and load. */
+const volatile __u32 cfg_netns = 0;	   /* netns inode, 0 = any */
+const volatile __u64 cfg_cgroup = 0;	   /* cgroup v2 id, 0 = any */
+const volatile __s32 cfg_cgroup_level = 0; /* depth of cfg_cgroup */
+const volatile __u32 cfg_pid = 0;	   /* owner tgid, 0 = any */
+const volatile __u16 cfg_port = 0;	   /* either side, 0 = any */
+const volatile __u16 cfg_lport = 0;
+const volatile __u16 cfg_rport = 0;
+const volatile __u8 cfg_family = 0; /* 4, 6 or 0 = both */
+/* Wake the consumer only once this much is queued; 0 = every event. The
+ * consumer also drains on a short poll timeout, so latency stays bounded. */
+const volatile __u64 cfg_wakeup_bytes = 0;
+
+/* What the kernel side remembers of a socket while it lives. */
+struct sock_info {
+	__u64 conn;	  /* id reported as tcpscope_event.conn */
+	__u32 pid;	  /* owner tgid */
+	__u8 owner_src;	  /* enum tcpscope_owner_source */
+	__u8 _pad[3];
+	char comm[TCPSCOPE_COMM_LEN]; /* owner comm */
+};
+
+struct listener_key {
+	__u32 netns;
+	__u16 port;
+	__u16 _pad;
+};
+
+struct owner {
+	__u32 pid;
+	__u32 _pad;
+	char comm[TCPSCOPE_COMM_LEN];
+};
+
+/* Live sockets by kernel address; entries go at tcp_destroy_sock. LRU so a
+ * missed destroy can never fill it; max_entries is set by user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, __u64);
+	__type(value, struct sock_info);
+} socks SEC(".maps");
+
+/* Owners of listening sockets, inherited by the children they accept: the
+ * handshake completes in softirq, where "current" is unrelated. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct listener_key);
+	__type(value, struct owner);
+} listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20);
+} events SEC(".maps");
+
+/* enum tcpscope_drop_kind -> count, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TCPSCOPE_DROP_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+/* Sequence for connection ids where the cookie helper is not available. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} id_seq SEC(".maps");
+
+/* Kernels before 5.15 kept the cgroup inside a union with a u64 "val". */
+struct sock_cgroup_data___old {
+	__u64 val;
+};
+
+/* Kernels before 6.2 ("cgroup: Use cgroup_attach_{lock,unlock}()...")
+ * stored ancestor ids rather than pointers. */
+struct cgroup___old {
+	int level;
+	__u64 ancestor_ids[];
+};
+
+static __always_inline void drops__inc(__u32 kind)
+{
+	__u64 *count = bpf_map_lookup_elem(&drops, &kind);
+
+	if (count)
+		*count += 1;
+}
+
+static __always_inline bool addr__is_v4_mapped(const __u8 *a)
+{
+	const __u32 *w = (const __u32 *)a;
+
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline void addr__unmap_v4(__u8 *a)
+{
+	__u32 *w = (__u32 *)a;
+
+	w[0] = w[3];
+	w[1] = w[2] = w[3] = 0;
+}
+
+/* Fills family, ports, addresses and netns from a socket (full, timewait
+ * or request sock: all start with sock_common). */
+static __always_inline void sock__read_tuple(const struct sock *sk,
+					     struct tcpscope_event *e)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	if (family == AF_INET) {
+		__u32 laddr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 raddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+
+		e->family = 4;
+		__builtin_memcpy(e->laddr, &laddr, 4);
+		__builtin_memcpy(e->raddr, &raddr, 4);
+		return;
+	}
+	e->family = 6;
+	bpf_core_read(e->laddr, sizeof(e->laddr), &sk->__sk_common.skc_v6_rcv_saddr);
+	bpf_core_read(e->raddr, sizeof(e->raddr), &sk->__sk_common.skc_v6_daddr);
+	/* A dual-stack socket talking IPv4 shows mapped addresses. */
+	if (addr__is_v4_mapped(e->raddr) &&
+	    (addr__is_v4_mapped(e->laddr) || e->laddr[0] == 0)) {
+		e->family = 4;
+		addr__unmap_v4(e->laddr);
+		addr__unmap_v4(e->raddr);
+	}
+}
+
+static __always_inline bool filter__match_netns(const struct tcpscope_event *e)
+{
+	if (cfg_netns && e->netns != cfg_netns)
+		return false;
+	if (cfg_family && e->family != cfg_family)
+		return false;
+	return true;
+}
+
+static __always_inline bool filter__match_ports(const struct tcpscope_event *e)
+{
+	if (cfg_port && e->lport != cfg_port && e->rport != cfg_port)
+		return false;
+	if (cfg_lport && e->lport != cfg_lport)
+		return false;
+	if (cfg_rport && e->rport != cfg_rport)
+		return false;
+	return true;
+}
+
+static __always_inline __u64 sock__cgroup_id(const struct sock *sk)
+{
+	struct cgroup *cg;
+
+	if (!bpf_core_field_exists(struct sock_cgroup_data, cgroup))
+		return 0; /* < 5.15: not supported, the filter matches nothing */
+	cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup);
+	if (!cg)
+		return 0;
+	return BPF_CORE_READ(cg, kn, id);
+}
+
+/* True if the socket's cgroup is cfg_cgroup or below it. */
+static __always_inline bool filter__match_cgroup(const struct sock *sk)
+{
+	struct cgroup *cg, *ancestor = NULL;
+	int level;
+
+	if (!cfg_cgroup)
+		return true;
+	if (!bpf_core_field_exists(struct sock_cgroup_data, cgroup))
+		return false;
+	cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup);
+	if (!cg)
+		return false;
+	level = BPF_CORE_READ(cg, level);
+	if (level < cfg_cgroup_level)
+		return false;
+	if (bpf_core_field_exists(cg->ancestors)) {
+		bpf_core_read(&ancestor, sizeof(ancestor),
+			      &cg->ancestors[cfg_cgroup_level]);
+		return ancestor && BPF_CORE_READ(ancestor, kn, id) == cfg_cgroup;
+	}
+	{
+		struct cgroup___old *old = (void *)cg;
+		__u64 id = 0;
+
+		bpf_core_read(&id, sizeof(id),
+			      &old->ancestor_ids[cfg_cgroup_level]);
+		return id == cfg_cgroup;
+	}
+}
+
+static __always_inline bool task__is_kthread(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	return BPF_CORE_READ(task, flags) & PF_KTHREAD;
+}
+
+static __always_inline void owner__from_current(__u32 *pid, char *comm)
+{
+	*pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(comm, TCPSCOPE_COMM_LEN);
+}
+
+/* Transitions that only a system call of the owning process makes, so that
+ * "current" is the owner: connect(), listen(), close()/shutdown(). All
+ * others (handshake completion, FIN or RST received, timers) may run in
+ * softirq on behalf of whatever task was interrupted. */
+static __always_inline bool state__is_syscall(int oldstate, int newstate)
+{
+	switch (newstate) {
+	case TCP_SYN_SENT:
+	case TCP_LISTEN:
+	case TCP_LAST_ACK:
+		return true;
+	case TCP_FIN_WAIT1:
+		return oldstate == TCP_ESTABLISHED || oldstate == TCP_SYN_RECV;
+	default:
+		return false;
+	}
+}
+
+static __always_inline __u64 conn__new_id(const struct sock *sk, bool btf)
+{
+	__u32 zero = 0;
+	__u64 *seq, id;
+
+	/* With BTF-typed arguments the helper creates the cookie if needed;
+	 * the timewait sock inherits it, which joins the two. */
+	if (btf)
+		return bpf_get_socket_cookie((void *)sk);
+	id = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	if (id)
+		return id;
+	/* No cookie yet and no helper to make one here: a private id with the
+	 * top bit set, unique per CPU and sequence. */
+	seq = bpf_map_lookup_elem(&id_seq, &zero);
+	if (!seq)
+		return 0;
+	*seq += 1;
+	return (1ULL << 63) | ((__u64)bpf_get_smp_processor_id() << 48) |
+	       (*seq & ((1ULL << 48) - 1));
+}
+
+/* Looks up (or starts) what we know of a full socket and copies the
+ * connection id and owner into the event. Returns false if the socket table
+ * is full and the socket is not known (the event still goes out). */
+static __always_inline struct sock_info *
+sock__track(const struct sock *sk, struct tcpscope_event *e, bool btf,
+	    int oldstate, int newstate)
+{
+	__u64 key = (__u64)sk;
+	struct sock_info *info = bpf_map_lookup_elem(&socks, &key);
+	bool syscall = state__is_syscall(oldstate, newstate) &&
+		       !task__is_kthread();
+
+	if (!info) {
+		struct sock_info fresh = {};
+
+		fresh.conn = conn__new_id(sk, btf);
+		if (syscall) {
+			owner__from_current(&fresh.pid, fresh.comm);
+			fresh.owner_src = TCPSCOPE_OWNER_SYSCALL;
+		} else if (newstate == TCP_SYN_RECV) {
+			struct listener_key lk = {.netns = e->netns,
+						  .port = e->lport};
+			struct owner *o = bpf_map_lookup_elem(&listeners, &lk);
+
+			if (o) {
+				fresh.pid = o->pid;
+				__builtin_memcpy(fresh.comm, o->comm,
+						 sizeof(fresh.comm));
+				fresh.owner_src = TCPSCOPE_OWNER_LISTENER;
+			}
+		}
+		e->sk_flags |= TCPSCOPE_SK_NEW;
+		if (bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST))
+			drops__inc(TCPSCOPE_DROP_SOCKMAP);
+		info = bpf_map_lookup_elem(&socks, &key);
+		if (!info) {
+			e->conn = fresh.conn;
+			e->pid = fresh.pid;
+			e->owner_src = fresh.owner_src;
+			__builtin_memcpy(e->comm, fresh.comm, sizeof(e->comm));
+			return NULL;
+		}
+	} else if (syscall && info->owner_src != TCPSCOPE_OWNER_SYSCALL) {
+		owner__from_current(&info->pid, info->comm);
+		info->owner_src = TCPSCOPE_OWNER_SYSCALL;
+	}
+	e->conn = info->conn;
+	e->pid = info->pid;
+	e->owner_src = info->owner_src;
+	__builtin_memcpy(e->comm, info->comm, sizeof(e->comm));
+	return info;
+}
+
+static __always_inline void sock__read_queues(const struct sock *sk,
+					      struct tcpscope_event *e)
+{
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	__u8 shutdown;
+
+	e->rx_queue = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
+	e->tx_queue = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_una);
+	shutdown = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
+	if (shutdown & RCV_SHUTDOWN)
+		e->sk_flags |= TCPSCOPE_SK_RCV_SHUTDOWN;
+	if (shutdown & SEND_SHUTDOWN)
+		e->sk_flags |= TCPSCOPE_SK_SEND_SHUTDOWN;
+	if (BPF_CORE_READ(sk, __sk_common.skc_nulls_node.pprev))
+		e->sk_flags |= TCPSCOPE_SK_HASHED;
+}
+
+static __always_inline void ringbuf__emit(struct tcpscope_event *e)
+{
+	__u64 flags = 0;
+
+	e->ts_ns = bpf_ktime_get_boot_ns();
+	if (cfg_wakeup_bytes)
+		flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >=
+				cfg_wakeup_bytes
+			    ? BPF_RB_FORCE_WAKEUP
+			    : BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&events, e, sizeof(*e), flags))
+		drops__inc(TCPSCOPE_DROP_RINGBUF);
+}
+
+static __always_inline bool sock__is_tcp(const struct sock *sk)
+{
+	return BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) == IPPROTO_TCP;
+}
+
+static __always_inline bool filter__match_owner(const struct tcpscope_event *e)
+{
+	return !cfg_pid || e->pid == cfg_pid;
+}
+
+static __always_inline void listener__update(const struct tcpscope_event *e,
+					     int oldstate, int newstate)
+{
+	struct listener_key lk = {.netns = e->netns, .port = e->lport};
+
+	if (newstate == TCP_LISTEN) {
+		struct owner o = {};
+
+		owner__from_current(&o.pid, o.comm);
+		if (bpf_map_update_elem(&listeners, &lk, &o, BPF_ANY))
+			drops__inc(TCPSCOPE_DROP_SOCKMAP);
+	} else if (newstate == TCP_CLOSE) {
+		/* Not LISTEN -> SYN_RECV: an accepted child is a clone of
+		 * its listener and so leaves "LISTEN" too. */
+		bpf_map_delete_elem(&listeners, &lk);
+	}
+}
+
+/* ---- inet_sock_set_state ---------------------------------------------- */
+
+static __always_inline int set_state__handle(const struct sock *sk,
+					     int oldstate, int newstate,
+					     bool btf)
+{
+	struct tcpscope_event e = {};
+
+	sock__read_tuple(sk, &e);
+	if (!filter__match_netns(&e))
+		return 0;
+	if (newstate == TCP_LISTEN ||
+	    (oldstate == TCP_LISTEN && newstate == TCP_CLOSE))
+		listener__update(&e, oldstate, newstate);
+	if (!filter__match_ports(&e) || !filter__match_cgroup(sk))
+		return 0;
+	sock__track(sk, &e, btf, oldstate, newstate);
+	if (!filter__match_owner(&e))
+		return 0;
+	e.type = TCPSCOPE_EV_STATE;
+	e.old_state = oldstate;
+	e.new_state = newstate;
+	if (cfg_cgroup)
+		e.cgroup = sock__cgroup_id(sk);
+	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN)
+		sock__read_queues(sk, &e);
+	ringbuf__emit(&e);
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(set_state_btf, const struct sock *sk, int oldstate, int newstate)
+{
+	if (!sock__is_tcp(sk))
+		return 0;
+	return set_state__handle(sk, oldstate, newstate, true);
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(set_state_raw, const struct sock *sk, int oldstate, int newstate)
+{
+	if (!sock__is_tcp(sk))
+		return 0;
+	return set_state__handle(sk, oldstate, newstate, false);
+}
+
+SEC("tp/sock/inet_sock_set_state")
+int set_state_tp(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	return set_state__handle(ctx->skaddr, ctx->oldstate, ctx->newstate,
+				 false);
+}
+
+/* ---- tcp_retransmit_skb ------------------------------------------------ */
+
+static __always_inline int retransmit__handle(const struct sock *sk,
+					      const struct sk_buff *skb,
+					      int err, bool btf)
+{
+	struct tcpscope_event e = {};
+	__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
+
+	sock__read_tuple(sk, &e);
+	if (!filter__match_netns(&e) || !filter__match_ports(&e) ||
+	    !filter__match_cgroup(sk))
+		return 0;
+	sock__track(sk, &e, btf, state, state);
+	if (!filter__match_owner(&e))
+		return 0;
+	e.type = TCPSCOPE_EV_RETRANSMIT;
+	e.old_state = e.new_state = state;
+	e.reason = err;
+	if (skb) {
+		const struct tcp_skb_cb *cb = (const void *)skb->cb;
+		__u32 seq = BPF_CORE_READ(cb, seq);
+		__u32 end_seq = BPF_CORE_READ(cb, end_seq);
+
+		e.tcp_flags = BPF_CORE_READ_BITFIELD_PROBED(cb, tcp_flags);
+		e.seg_len = end_seq - seq -
+			    !!(e.tcp_flags & (TCPSCOPE_TCP_SYN | TCPSCOPE_TCP_FIN));
+	}
+	if (cfg_cgroup)
+		e.cgroup = sock__cgroup_id(sk);
+	sock__read_queues(sk, &e);
+	ringbuf__emit(&e);
+	return 0;
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(retransmit_btf, const struct sock *sk, const struct sk_buff *skb)
+{
+	return retransmit__handle(sk, skb, 0, true);
+}
+
+SEC("raw_tp/tcp_retransmit_skb")
+int BPF_PROG(retransmit_raw, const struct sock *sk, const struct sk_buff *skb)
+{
+	return retransmit__handle(sk, skb, 0, false);
+}
+
+SEC("tp/tcp/tcp_retransmit_skb")
+int retransmit_tp(struct trace_event_raw_tcp_retransmit_skb *ctx)
+{
+	return retransmit__handle(ctx->skaddr, ctx->skbaddr, 0, false);
+}
+
+/* ---- tcp_send_reset ----------------------------------------------------- */
+
+/* Tuple and netns of a reset sent with no socket: the segment it answers
+ * arrived from the peer, so its destination is our local side. */
+static __always_inline void skb__read_tuple(const struct sk_buff *skb,
+					    struct tcpscope_event *e)
+{
+	unsigned char *head = BPF_CORE_READ(skb, head);
+	__u16 nh = BPF_CORE_READ(skb, network_header);
+	__u16 th = BPF_CORE_READ(skb, transport_header);
+	__u8 version = 0;
+	__u16 ports[2] = {};
+
+	bpf_probe_read_kernel(&version, 1, head + nh);
+	version >>= 4;
+	if (version == 4) {
+		struct iphdr ip;
+
+		bpf_probe_read_kernel(&ip, sizeof(ip), head + nh);
+		e->family = 4;
+		__builtin_memcpy(e->raddr, &ip.saddr, 4);
+		__builtin_memcpy(e->laddr, &ip.daddr, 4);
+	} else {
+		struct ipv6hdr ip6;
+
+		bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh);
+		e->family = 6;
+		__builtin_memcpy(e->raddr, &ip6.saddr, 16);
+		__builtin_memcpy(e->laddr, &ip6.daddr, 16);
+	}
+	bpf_probe_read_kernel(ports, sizeof(ports), head + th);
+	e->rport = bpf_ntohs(ports[0]);
+	e->lport = bpf_ntohs(ports[1]);
+	e->netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
+}
+
+/* Flags and payload length of the segment that drew the reset. */
+static __always_inline void skb__read_segment(const struct sk_buff *skb,
+					      struct tcpscope_event *e)
+{
+	const struct tcp_skb_cb *cb = (const void *)skb->cb;
+	__u32 seq = BPF_CORE_READ(cb, seq);
+	__u32 end_seq = BPF_CORE_READ(cb, end_seq);
+
+	e->tcp_flags = BPF_CORE_READ_BITFIELD_PROBED(cb, tcp_flags);
+	e->seg_len = end_seq - seq - !!(e->tcp_flags & TCPSCOPE_TCP_SYN) -
+		     !!(e->tcp_flags & TCPSCOPE_TCP_FIN);
+}
+
+static __always_inline int send_reset__handle(const struct sock *sk,
+					      const struct sk_buff *skb,
+					      __u32 reason, bool btf)
+{
+	struct tcpscope_event e = {};
+	__u8 state = 0;
+
+	if (sk) {
+		sock__read_tuple(sk, &e);
+		state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	} else if (skb) {
+		skb__read_tuple(skb, &e);
+		e.sk_flags |= TCPSCOPE_SK_NO_SOCKET;
+	} else {
+		return 0;
+	}
+	if (!filter__match_netns(&e) || !filter__match_ports(&e))
+		return 0;
+	if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV) {
+		/* Not a full socket: only sock_common may be read. The
+		 * timewait sock carries the cookie of its connection. */
+		if (state == TCP_TIME_WAIT)
+			e.sk_flags |= TCPSCOPE_SK_TIMEWAIT;
+		e.conn = btf ? bpf_get_socket_cookie((void *)sk)
+			     : BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+		/* The owner is known only to user space (by conn). */
+		if (cfg_pid || cfg_cgroup)
+			return 0;
+	} else if (sk) {
+		if (!filter__match_cgroup(sk))
+			return 0;
+		sock__track(sk, &e, btf, state, state);
+		if (!filter__match_owner(&e))
+			return 0;
+		if (cfg_cgroup)
+			e.cgroup = sock__cgroup_id(sk);
+		sock__read_queues(sk, &e);
+	} else if (cfg_pid || cfg_cgroup) {
+		return 0; /* no socket: no owner to match in the kernel */
+	}
+	e.type = TCPSCOPE_EV_RESET_SENT;
+	e.old_state = e.new_state = state;
+	e.reason = reason;
+	e.sk = (__u64)sk;
+	if (skb)
+		skb__read_segment(skb, &e);
+	ringbuf__emit(&e);
+	return 0;
+}
+
+/* The reason argument came with enum sk_rst_reason in 6.10 ("tcp: add
+ * reason to tcp_send_reset tracepoint" series); older kernels have two
+ * arguments, and reading a third would fail verification. */
+static __always_inline bool send_reset__has_reason(void)
+{
+	return bpf_core_enum_value_exists(enum sk_rst_reason,
+					  SK_RST_REASON_NOT_SPECIFIED);
+}
+
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(send_reset_btf, const struct sock *sk, const struct sk_buff *skb)
+{
+	__u32 reason = send_reset__has_reason() ? (__u32)ctx[2] : 0;
+
+	return send_reset__handle(sk, skb, reason, true);
+}
+
+SEC("raw_tp/tcp_send_reset")
+int BPF_PROG(send_reset_raw, const struct sock *sk, const struct sk_buff *skb)
+{
+	__u32 reason = send_reset__has_reason() ? (__u32)ctx[2] : 0;
+
+	return send_reset__handle(sk, skb, reason, false);
+}
+
+SEC("tp/tcp/tcp_send_reset")
+int send_reset_tp(struct trace_event_raw_tcp_send_reset *ctx)
+{
+	__u32 reason = 0;
+
+	if (bpf_core_field_exists(ctx->reason))
+		reason = BPF_CORE_READ(ctx, reason);
+	return send_reset__handle(ctx->skaddr, ctx->skbaddr, reason, false);
+}
+
+/* ---- tcp_receive_reset ------------------------------------------------ */
+
+static __always_inline int receive_reset__handle(const struct sock *sk,
+						 bool btf)
+{
+	struct tcpscope_event e = {};
+	__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
+
+	sock__read_tuple(sk, &e);
+	if (!filter__match_netns(&e) || !filter__match_ports(&e) ||
+	    !filter__match_cgroup(sk))
+		return 0;
+	sock__track(sk, &e, btf, state, state);
+	if (!filter__match_owner(&e))
+		return 0;
+	e.type = TCPSCOPE_EV_RESET_RECEIVED;
+	e.old_state = e.new_state = state;
+	if (cfg_cgroup)
+		e.cgroup = sock__cgroup_id(sk);
+	sock__read_queues(sk, &e);
+	ringbuf__emit(&e);
+	return 0;
+}
+
+SEC("tp_btf/tcp_receive_reset")
+int BPF_PROG(receive_reset_btf, const struct sock *sk)
+{
+	return receive_reset__handle(sk, true);
+}
+
+SEC("raw_tp/tcp_receive_reset")
+int BPF_PROG(receive_reset_raw, const struct sock *sk)
+{
+	return receive_reset__handle(sk, false);
+}
+
+SEC("tp/tcp/tcp_receive_reset")
+int receive_reset_tp(struct trace_event_raw_tcp_event_sk *ctx)
+{
+	return receive_reset__handle(ctx->skaddr, false);
+}
+
+/* ---- tcp_destroy_sock: forget the socket ------------------------------- */
+
+static __always_inline int destroy__handle(const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+
+	bpf_map_delete_elem(&socks, &key);
+	return 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(destroy_btf, const struct sock *sk)
+{
+	return destroy__handle(sk);
+}
+
+SEC("raw_tp/tcp_destroy_sock")
+int BPF_PROG(destroy_raw, const struct sock *sk)
+{
+	return destroy__handle(sk);
+}
+
+SEC("tp/tcp/tcp_destroy_sock")
+int destroy_tp(struct trace_event_raw_tcp_event_sk *ctx)
+{
+	return destroy__handle(ctx->skaddr);
+}
+
+/* ---- first send/recv: the owner of accepted sockets --------------------- */
+
+/* sock_send_length/sock_recv_length exist since 6.3; optional. They fire in
+ * the calling task for every socket family, so the work is a lookup. */
+static __always_inline int io__handle(const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct sock_info *info;
+
+	info = bpf_map_lookup_elem(&socks, &key);
+	if (!info || info->owner_src == TCPSCOPE_OWNER_SYSCALL ||
+	    info->owner_src == TCPSCOPE_OWNER_IO)
+		return 0;
+	if (task__is_kthread())
+		return 0;
+	owner__from_current(&info->pid, info->comm);
+	info->owner_src = TCPSCOPE_OWNER_IO;
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(recv_btf, const struct sock *sk)
+{
+	return io__handle(sk);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(send_btf, const struct sock *sk)
+{
+	return io__handle(sk);
+}
+
+SEC("raw_tp/sock_recv_length")
+int BPF_PROG(recv_raw, const struct sock *sk)
+{
+	return io__handle(sk);
+}
+
+SEC("raw_tp/sock_send_length")
+int BPF_PROG(send_raw, const struct sock *sk)
+{
+	return io__handle(sk);
+}

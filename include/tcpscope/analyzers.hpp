@@ -1,0 +1,81 @@
+// Report sections for the core tracer: connections, retransmits, lost events.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "tcpscope/pipeline.hpp"
+
+namespace tcpscope {
+
+// Identity of a connection as reports print it (copied: the connection itself
+// is gone by report time).
+struct ConnSummary {
+  uint64_t id = 0;
+  uint8_t family = 0;
+  uint16_t lport = 0, rport = 0;
+  std::array<uint8_t, 16> laddr{}, raddr{};
+  uint32_t pid = 0;
+  std::array<char, 16> comm{};
+
+  static ConnSummary of(const Connection& c);
+};
+
+// "connections": totals by open and close kind.
+class ConnectionsAnalyzer final : public Analyzer {
+ public:
+  void on_end(const Connection& c, NoticeOut&) override;
+  void write_json(JsonWriter& w, TimeFormatter& time) const override;
+  void write_text(fmt::memory_buffer& out, TimeFormatter& time,
+                  const TextStyle& style) const override;
+
+  uint64_t total() const { return total_; }
+
+ private:
+  uint64_t total_ = 0;
+  uint64_t listeners_ = 0;
+  std::array<uint64_t, 4> by_open_{};
+  std::array<uint64_t, kCloseKindCount> by_close_{};
+};
+
+// "retransmits": total and the connections that retransmitted most.
+class RetransmitAnalyzer final : public Analyzer {
+ public:
+  explicit RetransmitAnalyzer(int top_n) : top_n_(top_n) {}
+  void on_end(const Connection& c, NoticeOut&) override;
+  void write_json(JsonWriter& w, TimeFormatter& time) const override;
+  void write_text(fmt::memory_buffer& out, TimeFormatter& time,
+                  const TextStyle& style) const override;
+
+  struct Row {
+    ConnSummary conn;
+    uint32_t count = 0;
+    uint32_t fin = 0;
+    uint64_t first_ns = 0, last_ns = 0;
+    uint8_t last_state = 0;
+    uint16_t states = 0;
+  };
+  // Sorted: most retransmits first, then by connection id.
+  std::vector<Row> top() const;
+
+ private:
+  int top_n_;
+  uint64_t total_ = 0;
+  uint64_t connections_ = 0;
+  std::vector<Row> rows_;  // at most top_n_, a min-heap on count
+};
+
+// "lost_events": events the kernel could not queue (ring buffer full).
+class LostAnalyzer final : public Analyzer {
+ public:
+  void on_event(const Tracked& t, NoticeOut&) override;
+  void write_json(JsonWriter& w, TimeFormatter& time) const override;
+  void write_text(fmt::memory_buffer& out, TimeFormatter& time,
+                  const TextStyle& style) const override;
+  uint64_t lost() const { return lost_; }
+
+ private:
+  uint64_t lost_ = 0;
+};
+
+}  // namespace tcpscope

@@ -1,0 +1,110 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Events shared by the BPF programs (bpf/tcpscope.bpf.c) and user space.
+ * This is the only definition: both sides compile this header, and the C++
+ * side static_asserts the sizes below, so the two can never drift apart.
+ * Fixed-width types only; no pointers, no implicit padding.
+ */
+#ifndef TCPSCOPE_EVENTS_H
+#define TCPSCOPE_EVENTS_H
+
+#ifdef __BPF__
+/* vmlinux.h provides __u8.. __u64 */
+#else
+#include <linux/types.h>
+#endif
+
+#define TCPSCOPE_COMM_LEN 16
+#define TCPSCOPE_ADDR_LEN 16
+
+/* What happened. Values are part of the capture format: never renumber. */
+enum tcpscope_event_type {
+	TCPSCOPE_EV_STATE = 1,		/* inet_sock_set_state on a TCP socket */
+	TCPSCOPE_EV_RETRANSMIT = 2,	/* tcp_retransmit_skb */
+	TCPSCOPE_EV_RESET_SENT = 3,	/* tcp_send_reset (sk may be gone) */
+	TCPSCOPE_EV_RESET_RECEIVED = 4, /* tcp_receive_reset */
+	/* Records made by user space, never by BPF; kept in captures so a
+	 * replay sees exactly what the live run saw. */
+	TCPSCOPE_EV_LOST = 16,	/* conn = events lost since the last one */
+	TCPSCOPE_EV_END = 17,	/* end of the trace (ts_ns = stop time) */
+};
+
+/* How the owner (pid, comm) of the connection was learnt. */
+enum tcpscope_owner_source {
+	TCPSCOPE_OWNER_NONE = 0,     /* not known (socket predates tcpscope) */
+	TCPSCOPE_OWNER_SYSCALL = 1,  /* a transition only a syscall makes:
+					connect, listen, close, shutdown */
+	TCPSCOPE_OWNER_LISTENER = 2, /* accepted child: the listener's owner */
+	TCPSCOPE_OWNER_IO = 3,	     /* first send/recv on the socket */
+};
+
+/* Bits of tcpscope_event.sk_flags. */
+enum tcpscope_sk_flags {
+	/* The socket was still in the established hash at the event. At a
+	 * transition to CLOSE from FIN_WAIT2/CLOSING this tells whether a
+	 * timewait sock replaced it: tcp_time_wait() unhashes the full socket
+	 * in inet_twsk_hashdance() before tcp_done(); without a tw sock
+	 * (bucket overflow, FIN_WAIT2 timeout) it is unhashed only after the
+	 * tracepoint, in tcp_set_state(). */
+	TCPSCOPE_SK_HASHED = 1 << 0,
+	TCPSCOPE_SK_RCV_SHUTDOWN = 1 << 1,  /* peer's FIN was received */
+	TCPSCOPE_SK_SEND_SHUTDOWN = 1 << 2, /* our FIN was queued */
+	TCPSCOPE_SK_NO_SOCKET = 1 << 3,	    /* reset with no socket (sk NULL):
+					       tuple comes from the segment */
+	TCPSCOPE_SK_TIMEWAIT = 1 << 4,	    /* event on a timewait sock */
+	TCPSCOPE_SK_NEW = 1 << 5,	    /* first event of this socket seen
+					       by the tracer */
+};
+
+/* TCP header flag bits as in the wire format (tcp_flags below). */
+#define TCPSCOPE_TCP_FIN 0x01
+#define TCPSCOPE_TCP_SYN 0x02
+#define TCPSCOPE_TCP_RST 0x04
+#define TCPSCOPE_TCP_PSH 0x08
+#define TCPSCOPE_TCP_ACK 0x10
+
+/* Index of the drop counters in the per-CPU "drops" map. */
+enum tcpscope_drop_kind {
+	TCPSCOPE_DROP_RINGBUF = 0, /* bpf_ringbuf_reserve failed: event lost */
+	TCPSCOPE_DROP_SOCKMAP = 1, /* socket table full: owner not kept */
+	TCPSCOPE_DROP_MAX = 2,
+};
+
+/* One kernel event. 120 bytes, 8-byte aligned. */
+struct tcpscope_event {
+	__u64 ts_ns;   /* CLOCK_BOOTTIME of the event, ns */
+	__u64 conn;    /* connection id: the kernel socket cookie (shared by
+			  the socket and its timewait sock); 0 if unknown */
+	__u64 sk;      /* kernel socket address, only to pair events of one
+			  socket when conn is 0; never shown to users */
+	__u64 cgroup;  /* cgroup v2 id of the socket, 0 if unknown */
+	__u32 netns;   /* network namespace inode */
+	__u32 pid;     /* owner process (tgid), 0 if unknown */
+	__u32 reason;  /* RESET_SENT: enum sk_rst_reason (kernel >= 6.10, else
+			  0); RETRANSMIT: err of the transmit (kernel >= 6.13) */
+	__u32 seg_len; /* RESET_SENT: payload bytes of the segment that drew the
+			  reset; RETRANSMIT: bytes retransmitted */
+	__u32 rx_queue; /* bytes received but not read by the application */
+	__u32 tx_queue; /* bytes written but not yet acknowledged */
+	__u16 lport;   /* local port, host order */
+	__u16 rport;   /* remote port, host order */
+	__u8 type;     /* enum tcpscope_event_type */
+	__u8 family;   /* 4 or 6 (v4-mapped IPv6 is reported as 4) */
+	__u8 old_state; /* TCP state before (kernel numbering, TCP_ESTABLISHED=1
+			   ... TCP_NEW_SYN_RECV=12); STATE only, else state at
+			   the event */
+	__u8 new_state; /* TCP state after; STATE only */
+	__u8 tcp_flags; /* RESET_SENT: flags of the provoking segment;
+			   RETRANSMIT: flags of the retransmitted segment */
+	__u8 owner_src; /* enum tcpscope_owner_source */
+	__u8 sk_flags;	/* enum tcpscope_sk_flags */
+	__u8 _pad0;	/* zero */
+	__u8 laddr[TCPSCOPE_ADDR_LEN]; /* local address; IPv4 in the first 4 */
+	__u8 raddr[TCPSCOPE_ADDR_LEN]; /* remote address; IPv4 in the first 4 */
+	char comm[TCPSCOPE_COMM_LEN];  /* owner's command name */
+	__u32 _pad1;		       /* zero */
+};
+
+#define TCPSCOPE_EVENT_SIZE 120
+
+#endif /* TCPSCOPE_EVENTS_H */

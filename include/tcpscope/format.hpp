@@ -1,0 +1,48 @@
+// Allocation-free formatting helpers shared by the output sinks.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string_view>
+
+#include "tcpscope/event.hpp"
+
+namespace tcpscope {
+
+// Text form of an address: dotted quad for family 4, RFC 5952 for 6.
+struct AddrText {
+  std::array<char, 48> buf{};
+  std::string_view view() const { return buf.data(); }
+};
+AddrText format_addr(uint8_t family, const uint8_t* addr);
+
+// Event time (CLOCK_BOOTTIME ns) to RFC 3339 UTC with nanoseconds. The
+// offset is the wall-clock time of boot, measured once at start and stored in
+// captures so that a replay prints the same times.
+class TimeFormatter {
+ public:
+  explicit TimeFormatter(int64_t boot_to_realtime_ns = 0)
+      : offset_ns_(boot_to_realtime_ns) {}
+  void set_offset(int64_t boot_to_realtime_ns) {
+    offset_ns_ = boot_to_realtime_ns;
+    cached_sec_ = -1;
+  }
+  int64_t offset() const { return offset_ns_; }
+  // "2026-11-21T09:28:00.123456789Z"; valid until the next call.
+  std::string_view rfc3339(uint64_t ts_ns);
+  // "09:28:00.123" for the human table; valid until the next call.
+  std::string_view clock(uint64_t ts_ns);
+
+ private:
+  int64_t offset_ns_;
+  int64_t cached_sec_ = -1;
+  std::array<char, 24> date_prefix_{};  // "2026-11-21T09:28:00"
+  std::array<char, 40> out_{};
+};
+
+// Measures the boot-to-wall-clock offset now (CLOCK_REALTIME - CLOCK_BOOTTIME).
+int64_t measure_boot_offset_ns();
+// CLOCK_BOOTTIME now, the clock of Event::ts_ns.
+uint64_t boottime_now_ns();
+
+}  // namespace tcpscope

@@ -1,0 +1,100 @@
+// The live kernel side: opens, configures, loads and attaches the BPF
+// programs (separate checked steps, falling back tp_btf -> raw_tp ->
+// tracepoint), and reads events from the ring buffer. Every kernel object is
+// owned by an RAII handle.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tcpscope/event.hpp"
+#include "tcpscope/features.hpp"
+#include "tcpscope/result.hpp"
+
+struct tcpscope_bpf;
+struct ring_buffer;
+struct bpf_link;
+
+namespace tcpscope {
+
+struct Filters {
+  uint32_t netns = 0;         // inode
+  uint64_t cgroup_id = 0;
+  int32_t cgroup_level = 0;
+  uint32_t pid = 0;
+  uint16_t port = 0, lport = 0, rport = 0;
+  uint8_t family = 0;         // 0, 4, 6
+};
+
+struct TraceConfig {
+  Filters filters;
+  std::optional<AttachMode> force_mode;  // else the best the kernel has
+  uint32_t ring_bytes = 16u << 20;
+  uint32_t max_sockets = 262144;
+  uint64_t wakeup_bytes = 256 * 1024;    // batch consumer wake-ups
+  bool io_owner = true;                  // attach sock_{send,recv}_length
+};
+
+// Parses --netns (a path such as /run/netns/NAME, or an inode number).
+Result<uint32_t> resolve_netns(const std::string& spec);
+// Parses --cgroup (a cgroup v2 directory): its id and depth.
+Result<std::pair<uint64_t, int32_t>> resolve_cgroup(const std::string& path);
+// Checks for root or CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN).
+std::optional<Error> check_privileges();
+
+struct SkelDeleter {
+  void operator()(tcpscope_bpf* s) const;
+};
+struct LinkDeleter {
+  void operator()(bpf_link* l) const;
+};
+struct RingDeleter {
+  void operator()(ring_buffer* r) const;
+};
+
+class BpfTracer {
+ public:
+  using EventFn = std::function<void(const Event&)>;
+
+  static Result<std::unique_ptr<BpfTracer>> start(const TraceConfig& cfg,
+                                                  KernelFeatures& features);
+
+  AttachMode mode() const { return mode_; }
+  const std::vector<std::string>& programs() const { return programs_; }
+  // Failed attempts before the one that worked: "tp_btf: <reason>".
+  const std::vector<std::string>& fallbacks() const { return fallbacks_; }
+
+  // Sets where events go; must be called before poll().
+  void on_event(EventFn fn) { on_event_ = std::move(fn); }
+  // Waits up to timeout_ms for a wake-up, then drains everything queued.
+  // Returns events consumed, or -errno.
+  int poll(int timeout_ms);
+  int epoll_fd() const;
+  int consume();
+  // Kernel drop counters summed over CPUs (enum tcpscope_drop_kind).
+  uint64_t drops(int kind) const;
+  // Records the ring buffer delivered with a size other than Event's.
+  uint64_t malformed() const { return malformed_; }
+
+ private:
+  BpfTracer() = default;
+  static Result<std::unique_ptr<BpfTracer>> try_mode(AttachMode mode, const TraceConfig& cfg,
+                                                     KernelFeatures& features);
+  static int handle(void* ctx, void* data, size_t size);
+
+  std::unique_ptr<tcpscope_bpf, SkelDeleter> skel_;
+  std::vector<std::unique_ptr<bpf_link, LinkDeleter>> links_;
+  std::unique_ptr<ring_buffer, RingDeleter> ring_;
+  AttachMode mode_ = AttachMode::TpBtf;
+  std::vector<std::string> programs_;
+  std::vector<std::string> fallbacks_;
+  EventFn on_event_;
+  uint64_t malformed_ = 0;
+  int ncpus_ = 1;
+};
+
+}  // namespace tcpscope

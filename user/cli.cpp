@@ -1,0 +1,125 @@
+#include "cli.hpp"
+
+#include <CLI/CLI.hpp>
+
+namespace tcpscope {
+
+namespace {
+
+// "16M" / "512K" / "1048576" -> bytes.
+std::optional<uint64_t> parse_size(const std::string& s) {
+  if (s.empty()) return std::nullopt;
+  size_t pos = 0;
+  unsigned long long v = 0;
+  try {
+    v = std::stoull(s, &pos);
+  } catch (...) {
+    return std::nullopt;
+  }
+  uint64_t mult = 1;
+  if (pos < s.size()) {
+    switch (s[pos]) {
+      case 'k': case 'K': mult = 1ull << 10; break;
+      case 'm': case 'M': mult = 1ull << 20; break;
+      case 'g': case 'G': mult = 1ull << 30; break;
+      default: return std::nullopt;
+    }
+    if (pos + 1 != s.size() && !(pos + 3 == s.size() && s.substr(pos + 1) == "iB"))
+      return std::nullopt;
+  }
+  return v * mult;
+}
+
+std::string first_line(const std::string& s) {
+  const auto nl = s.find('\n');
+  return nl == std::string::npos ? s : s.substr(0, nl);
+}
+
+}  // namespace
+
+Result<Options> parse_command_line(int argc, char** argv) {
+  Options o;
+  CLI::App app{"tcpscope: trace TCP connection lifecycles (TIME_WAIT, resets, CLOSE_WAIT) with eBPF",
+               "tcpscope"};
+  app.set_help_flag("-h,--help", "Print this help and exit");
+  app.set_version_flag("--version", std::string(TCPSCOPE_VERSION));
+
+  std::string netns, cgroup, attach = "auto", ring_size = "16M";
+  uint32_t pid = 0;
+  uint16_t port = 0, lport = 0, rport = 0;
+  bool v4 = false, v6 = false, info = false, no_io = false;
+
+  app.add_flag("--json", o.json, "Print JSON Lines instead of the table");
+  app.add_option("--duration", o.duration_s, "Stop after SECONDS and print the report")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--netns", netns, "Only this network namespace: /run/netns/NAME, "
+                                   "/proc/PID/ns/net or an inode number");
+  app.add_option("--cgroup", cgroup, "Only sockets of this cgroup v2 (or below it)");
+  app.add_option("--pid", pid, "Only connections owned by this process (tgid)")
+      ->check(CLI::Range(1u, 4194304u));
+  app.add_option("--port", port, "Only connections with this port on either side")
+      ->check(CLI::Range(1, 65535));
+  app.add_option("--lport", lport, "Only this local port")->check(CLI::Range(1, 65535));
+  app.add_option("--rport", rport, "Only this remote port")->check(CLI::Range(1, 65535));
+  auto* f4 = app.add_flag("-4,--ipv4", v4, "Only IPv4 (includes v4-mapped IPv6)");
+  auto* f6 = app.add_flag("-6,--ipv6", v6, "Only IPv6");
+  f4->excludes(f6);
+  app.add_option("--top", o.top, "Rows in the report's top lists")->check(CLI::Range(1, 10000));
+  app.add_flag("-v,--verbose", o.verbose, "Debug logging, including libbpf's");
+  app.add_option("--attach", attach, "Attach method: auto, tp_btf, raw_tp, tracepoint")
+      ->check(CLI::IsMember({"auto", "tp_btf", "raw_tp", "tracepoint"}));
+  app.add_option("--disable-feature", o.disabled_features,
+                 "Treat a kernel feature as missing (see --info), to test fallbacks");
+  app.add_option("--ring-size", ring_size, "BPF ring buffer size (power of 2, e.g. 16M)");
+  app.add_option("--max-sockets", o.trace.max_sockets, "Sockets the kernel side tracks at once")
+      ->check(CLI::Range(1024u, 16u << 20));
+  app.add_flag("--no-io-owner", no_io,
+               "Do not refine owners on first send/recv (saves a probe per send/recv)");
+  app.add_flag("--info", info, "Print what the kernel supports and exit");
+  auto* trace_cmd = app.add_subcommand("trace", "Live tracing (the default)");
+  trace_cmd->fallthrough();
+  app.require_subcommand(0, 1);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    o.command = Options::Command::Help;
+    o.help_text = app.help();
+    return o;
+  } catch (const CLI::CallForVersion&) {
+    o.command = Options::Command::Version;
+    return o;
+  } catch (const CLI::ParseError& e) {
+    return Error{first_line(e.what()) + " (see tcpscope --help)", 2};
+  }
+
+  if (info) o.command = Options::Command::Info;
+  Filters& f = o.trace.filters;
+  if (!netns.empty()) {
+    auto r = resolve_netns(netns);
+    if (!r) return r.error();
+    f.netns = *r;
+  }
+  if (!cgroup.empty()) {
+    auto r = resolve_cgroup(cgroup);
+    if (!r) return r.error();
+    f.cgroup_id = r->first;
+    f.cgroup_level = r->second;
+  }
+  f.pid = pid;
+  f.port = port;
+  f.lport = lport;
+  f.rport = rport;
+  f.family = v4 ? 4 : v6 ? 6 : 0;
+  if (attach == "tp_btf") o.trace.force_mode = AttachMode::TpBtf;
+  else if (attach == "raw_tp") o.trace.force_mode = AttachMode::RawTp;
+  else if (attach == "tracepoint") o.trace.force_mode = AttachMode::Tracepoint;
+  auto bytes = parse_size(ring_size);
+  if (!bytes || *bytes < 4096 || *bytes > (1ull << 30) || (*bytes & (*bytes - 1)))
+    return Error{"--ring-size " + ring_size + ": must be a power of two from 4K to 1G", 2};
+  o.trace.ring_bytes = static_cast<uint32_t>(*bytes);
+  o.trace.io_owner = !no_io;
+  return o;
+}
+
+}  // namespace tcpscope

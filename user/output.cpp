@@ -1,0 +1,380 @@
+#include "tcpscope/output.hpp"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace tcpscope {
+
+// ---- JsonWriter ------------------------------------------------------------
+
+void json_escape(fmt::memory_buffer& out, std::string_view s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  out.push_back('"');
+  for (size_t i = 0; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(static_cast<char>(c));
+    } else if (c >= 0x20 && c < 0x7f) {
+      out.push_back(static_cast<char>(c));
+    } else if (c == '\n') {
+      out.append(std::string_view("\\n"));
+    } else if (c == '\t') {
+      out.append(std::string_view("\\t"));
+    } else {
+      // Control bytes and anything non-ASCII: \u00XX keeps output valid
+      // whatever bytes a process put in its comm.
+      const char esc[] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 15]};
+      out.append(esc, esc + sizeof(esc));
+    }
+  }
+  out.push_back('"');
+}
+
+void JsonWriter::before_value() {
+  if (after_key_) {
+    after_key_ = false;
+    return;
+  }
+  if (depth_ > 0) {
+    const uint64_t bit = 1ull << (depth_ - 1);
+    if (need_comma_ & bit) out_.push_back(',');
+    need_comma_ |= bit;
+  }
+}
+
+void JsonWriter::open(char c) {
+  before_value();
+  out_.push_back(c);
+  ++depth_;
+  need_comma_ &= ~(1ull << (depth_ - 1));
+}
+
+void JsonWriter::close(char c) {
+  --depth_;
+  out_.push_back(c);
+}
+
+void JsonWriter::key(std::string_view k) {
+  before_value();
+  json_escape(out_, k);
+  out_.push_back(':');
+  after_key_ = true;
+}
+
+void JsonWriter::value(std::string_view s) {
+  before_value();
+  json_escape(out_, s);
+}
+
+void JsonWriter::value(bool b) {
+  before_value();
+  out_.append(b ? std::string_view("true") : std::string_view("false"));
+}
+
+void JsonWriter::value_signed(int64_t v) {
+  before_value();
+  fmt::format_to(std::back_inserter(out_), "{}", v);
+}
+
+void JsonWriter::value_unsigned(uint64_t v) {
+  before_value();
+  fmt::format_to(std::back_inserter(out_), "{}", v);
+}
+
+void JsonWriter::value(double v) {
+  before_value();
+  fmt::format_to(std::back_inserter(out_), "{:.3f}", v);
+}
+
+void JsonWriter::null() {
+  before_value();
+  out_.append(std::string_view("null"));
+}
+
+// ---- FdWriter ----------------------------------------------------------------
+
+void FdWriter::flush() {
+  size_t done = 0;
+  while (error_ == 0 && done < buf_.size()) {
+    const ssize_t n = ::write(fd_, buf_.data() + done, buf_.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      error_ = errno;
+      break;
+    }
+    done += static_cast<size_t>(n);
+  }
+  buf_.clear();
+}
+
+// ---- helpers -------------------------------------------------------------------
+
+std::string_view tcp_flags_text(uint8_t flags, std::array<char, 32>& buf) {
+  static constexpr std::pair<uint8_t, std::string_view> kFlags[] = {
+      {TCPSCOPE_TCP_SYN, "SYN"}, {TCPSCOPE_TCP_FIN, "FIN"}, {TCPSCOPE_TCP_RST, "RST"},
+      {TCPSCOPE_TCP_PSH, "PSH"}, {TCPSCOPE_TCP_ACK, "ACK"}};
+  size_t n = 0;
+  for (auto [bit, name] : kFlags) {
+    if (!(flags & bit)) continue;
+    if (n) buf[n++] = '|';
+    std::memcpy(buf.data() + n, name.data(), name.size());
+    n += name.size();
+  }
+  return {buf.data(), n};
+}
+
+namespace {
+
+std::string_view comm_of(const char* comm) { return {comm, strnlen(comm, 16)}; }
+
+std::string_view owner_src_name(uint8_t src) {
+  switch (src) {
+    case TCPSCOPE_OWNER_SYSCALL: return "syscall";
+    case TCPSCOPE_OWNER_LISTENER: return "listener";
+    case TCPSCOPE_OWNER_IO: return "io";
+    default: return "none";
+  }
+}
+
+// Identity fields of an event: from the tracked connection when there is one
+// (its owner may have been learnt since), else from the event itself.
+struct Identity {
+  uint64_t conn;
+  uint32_t netns;
+  uint8_t family;
+  const uint8_t* laddr;
+  const uint8_t* raddr;
+  uint16_t lport, rport;
+  uint32_t pid;
+  std::string_view comm;
+};
+
+Identity identity_of(const Tracked& t) {
+  const Event& e = *t.ev;
+  if (t.conn) {
+    const Connection& c = *t.conn;
+    return {c.id, c.netns, c.family, c.laddr.data(), c.raddr.data(), c.lport,
+            c.rport, c.pid, comm_of(c.comm.data())};
+  }
+  return {e.conn, e.netns, e.family, e.laddr, e.raddr, e.lport,
+          e.rport, e.pid, comm_of(e.comm)};
+}
+
+void write_identity(JsonWriter& w, const Identity& id) {
+  if (id.conn) w.member("conn", id.conn);
+  else w.key("conn"), w.null();
+  w.member("netns", static_cast<unsigned>(id.netns));
+  w.member("family", static_cast<unsigned>(id.family));
+  w.member("laddr", format_addr(id.family, id.laddr).view());
+  w.member("lport", static_cast<unsigned>(id.lport));
+  w.member("raddr", format_addr(id.family, id.raddr).view());
+  w.member("rport", static_cast<unsigned>(id.rport));
+  w.member("pid", static_cast<unsigned>(id.pid));
+  w.member("comm", id.comm);
+}
+
+Identity identity_of(const Connection& c) {
+  return {c.id, c.netns, c.family, c.laddr.data(), c.raddr.data(), c.lport,
+          c.rport, c.pid, comm_of(c.comm.data())};
+}
+
+}  // namespace
+
+// ---- JsonLinesSink ---------------------------------------------------------------
+
+void JsonLinesSink::write_start(uint64_t ts_ns,
+                                const std::function<void(JsonWriter&)>& members) {
+  JsonWriter w(out_.buf());
+  w.begin_object();
+  w.member("type", "start");
+  w.member("time", time_.rfc3339(ts_ns));
+  members(w);
+  w.end_object();
+  out_.buf().push_back('\n');
+  out_.flush();
+}
+
+void JsonLinesSink::on_event(const Tracked& t) {
+  const Event& e = *t.ev;
+  if (e.type == TCPSCOPE_EV_END) return;
+  JsonWriter w(out_.buf());
+  w.begin_object();
+  w.member("type", event_type_name(e.type));
+  w.member("time", time_.rfc3339(e.ts_ns));
+  if (e.type == TCPSCOPE_EV_LOST) {
+    w.member("count", e.conn);
+    w.end_object();
+    out_.buf().push_back('\n');
+    out_.maybe_flush();
+    return;
+  }
+  write_identity(w, identity_of(t));
+  std::array<char, 32> fbuf{};
+  switch (e.type) {
+    case TCPSCOPE_EV_STATE:
+      w.member("old", state_name(e.old_state));
+      w.member("new", state_name(e.new_state));
+      w.key("ms");
+      if (t.prev_state_ns >= 0) w.value(static_cast<double>(t.prev_state_ns) / 1e6);
+      else w.null();
+      break;
+    case TCPSCOPE_EV_RETRANSMIT:
+      w.member("state", state_name(e.old_state));
+      w.member("flags", tcp_flags_text(e.tcp_flags, fbuf));
+      w.member("bytes", static_cast<unsigned>(e.seg_len));
+      if (t.conn) w.member("count", static_cast<unsigned>(t.conn->retransmits));
+      break;
+    case TCPSCOPE_EV_RESET_SENT:
+      w.member("state", (e.sk_flags & TCPSCOPE_SK_NO_SOCKET) ? std::string_view("NONE")
+                                                              : state_name(e.old_state));
+      w.member("reason", reset_reason_name(e.reason));
+      w.member("seg_flags", tcp_flags_text(e.tcp_flags, fbuf));
+      w.member("seg_len", static_cast<unsigned>(e.seg_len));
+      w.member("no_socket", (e.sk_flags & TCPSCOPE_SK_NO_SOCKET) != 0);
+      break;
+    case TCPSCOPE_EV_RESET_RECEIVED:
+      w.member("state", state_name(e.old_state));
+      break;
+    default:
+      break;
+  }
+  if (e.type != TCPSCOPE_EV_RESET_SENT || !(e.sk_flags & TCPSCOPE_SK_NO_SOCKET)) {
+    w.member("owner", owner_src_name(t.conn ? t.conn->owner_src : e.owner_src));
+    w.member("rx_queue", static_cast<unsigned>(e.rx_queue));
+  }
+  w.end_object();
+  out_.buf().push_back('\n');
+  out_.maybe_flush();
+}
+
+void JsonLinesSink::on_notice(const Notice& n) {
+  JsonWriter w(out_.buf());
+  w.begin_object();
+  w.member("type", n.type);
+  w.member("time", time_.rfc3339(n.ts_ns));
+  if (n.conn) write_identity(w, identity_of(*n.conn));
+  for (int i = 0; i < n.nfields; ++i) {
+    const auto& f = n.fields[i];
+    if (f.is_text) w.member(f.key, f.text);
+    else w.member(f.key, f.number);
+  }
+  w.end_object();
+  out_.buf().push_back('\n');
+  out_.maybe_flush();
+}
+
+void JsonLinesSink::on_report(const Pipeline& p, uint64_t end_ns) {
+  JsonWriter w(out_.buf());
+  w.begin_object();
+  w.member("type", "report");
+  w.member("time", time_.rfc3339(end_ns));
+  w.member("events", p.events());
+  p.write_report_json(w, time_);
+  w.end_object();
+  out_.buf().push_back('\n');
+  out_.flush();
+}
+
+// ---- TableSink ---------------------------------------------------------------------
+
+namespace {
+void format_endpoint(fmt::memory_buffer& out, uint8_t family, const uint8_t* addr,
+                     uint16_t port) {
+  auto a = format_addr(family, addr);
+  if (family == 6)
+    fmt::format_to(std::back_inserter(out), "[{}]:{:<5}", a.view(), port);
+  else
+    fmt::format_to(std::back_inserter(out), "{}:{:<5}", a.view(), port);
+}
+
+void table_prefix(fmt::memory_buffer& out, TimeFormatter& time, uint64_t ts,
+                  const Identity& id) {
+  auto o = std::back_inserter(out);
+  fmt::format_to(o, "{} {:<7} {:<15} ", time.clock(ts), id.pid, id.comm);
+  const size_t before = out.size();
+  format_endpoint(out, id.family, id.laddr, id.lport);
+  const size_t width = out.size() - before;
+  fmt::format_to(o, "{:{}}", "", width < 22 ? 22 - width : 1);
+  const size_t before_r = out.size();
+  format_endpoint(out, id.family, id.raddr, id.rport);
+  const size_t width_r = out.size() - before_r;
+  fmt::format_to(o, "{:{}}", "", width_r < 22 ? 22 - width_r : 1);
+}
+}  // namespace
+
+void TableSink::write_header() {
+  fmt::format_to(std::back_inserter(out_.buf()),
+                 "{:<12} {:<7} {:<15} {:<21} {:<21} {:<11} -> {:<11} {}\n", "TIME",
+                 "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "OLDSTATE", "NEWSTATE",
+                 "MS");
+  out_.flush();
+}
+
+void TableSink::on_event(const Tracked& t) {
+  const Event& e = *t.ev;
+  auto& out = out_.buf();
+  auto o = std::back_inserter(out);
+  std::array<char, 32> fbuf{};
+  switch (e.type) {
+    case TCPSCOPE_EV_STATE:
+      table_prefix(out, time_, e.ts_ns, identity_of(t));
+      if (t.prev_state_ns >= 0)
+        fmt::format_to(o, "{:<11} -> {:<11} {:.3f}\n", state_name(e.old_state),
+                       state_name(e.new_state), static_cast<double>(t.prev_state_ns) / 1e6);
+      else
+        fmt::format_to(o, "{:<11} -> {:<11} -\n", state_name(e.old_state),
+                       state_name(e.new_state));
+      break;
+    case TCPSCOPE_EV_RETRANSMIT:
+      table_prefix(out, time_, e.ts_ns, identity_of(t));
+      fmt::format_to(o, "RETRANSMIT in {} [{}] {} bytes\n", state_name(e.old_state),
+                     tcp_flags_text(e.tcp_flags, fbuf), e.seg_len);
+      break;
+    case TCPSCOPE_EV_RESET_SENT:
+      table_prefix(out, time_, e.ts_ns, identity_of(t));
+      fmt::format_to(o, "RST SENT in {} reason {} answering [{}]\n",
+                     (e.sk_flags & TCPSCOPE_SK_NO_SOCKET) ? std::string_view("no socket")
+                                                          : state_name(e.old_state),
+                     reset_reason_name(e.reason), tcp_flags_text(e.tcp_flags, fbuf));
+      break;
+    case TCPSCOPE_EV_RESET_RECEIVED:
+      table_prefix(out, time_, e.ts_ns, identity_of(t));
+      fmt::format_to(o, "RST RECEIVED in {}\n", state_name(e.old_state));
+      break;
+    case TCPSCOPE_EV_LOST:
+      fmt::format_to(o, "{} LOST {} events (ring buffer full)\n", time_.clock(e.ts_ns),
+                     e.conn);
+      break;
+    default:
+      return;
+  }
+  out_.maybe_flush();
+}
+
+void TableSink::on_notice(const Notice& n) {
+  auto& out = out_.buf();
+  auto o = std::back_inserter(out);
+  if (n.conn) {
+    table_prefix(out, time_, n.ts_ns, identity_of(*n.conn));
+  } else {
+    fmt::format_to(o, "{} ", time_.clock(n.ts_ns));
+  }
+  for (char c : n.type) out.push_back(static_cast<char>(c >= 'a' && c <= 'z' ? c - 32 : c));
+  for (int i = 0; i < n.nfields; ++i) {
+    const auto& f = n.fields[i];
+    if (f.is_text) fmt::format_to(o, " {}={}", f.key, f.text);
+    else fmt::format_to(o, " {}={}", f.key, f.number);
+  }
+  out.push_back('\n');
+  out_.maybe_flush();
+}
+
+void TableSink::on_report(const Pipeline& p, uint64_t) {
+  p.write_report_text(out_.buf(), time_, style_);
+  out_.flush();
+}
+
+}  // namespace tcpscope

@@ -1,0 +1,263 @@
+#include "tcpscope/tracer.hpp"
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include <spdlog/spdlog.h>
+
+#include "tcpscope.skel.h"
+
+namespace tcpscope {
+
+void SkelDeleter::operator()(tcpscope_bpf* s) const { tcpscope_bpf__destroy(s); }
+void LinkDeleter::operator()(bpf_link* l) const { bpf_link__destroy(l); }
+void RingDeleter::operator()(ring_buffer* r) const { ring_buffer__free(r); }
+
+namespace {
+
+bool all_digits(const std::string& s) {
+  if (s.empty()) return false;
+  for (char c : s)
+    if (c < '0' || c > '9') return false;
+  return true;
+}
+
+std::string errno_text(int err) { return std::strerror(err < 0 ? -err : err); }
+
+}  // namespace
+
+Result<uint32_t> resolve_netns(const std::string& spec) {
+  if (all_digits(spec)) {
+    const unsigned long v = std::stoul(spec);
+    if (v == 0 || v > UINT32_MAX)
+      return Error{"--netns " + spec + ": not a namespace inode", 2};
+    return static_cast<uint32_t>(v);
+  }
+  struct stat st {};
+  if (stat(spec.c_str(), &st) != 0)
+    return Error{"--netns " + spec + ": " + errno_text(errno) +
+                     " (give /run/netns/NAME, /proc/PID/ns/net or an inode number)",
+                 2};
+  return static_cast<uint32_t>(st.st_ino);
+}
+
+Result<std::pair<uint64_t, int32_t>> resolve_cgroup(const std::string& path) {
+  char real[PATH_MAX];
+  if (!realpath(path.c_str(), real))
+    return Error{"--cgroup " + path + ": " + errno_text(errno), 2};
+  struct statfs fs {};
+  constexpr long kCgroup2Magic = 0x63677270;
+  if (statfs(real, &fs) != 0 || fs.f_type != kCgroup2Magic)
+    return Error{"--cgroup " + path + ": not a cgroup v2 directory (e.g. /sys/fs/cgroup/system.slice)", 2};
+  struct stat st {};
+  if (stat(real, &st) != 0 || !S_ISDIR(st.st_mode))
+    return Error{"--cgroup " + path + ": not a directory", 2};
+  // Depth below the cgroup2 root: walk up while the parent is still cgroup2.
+  int32_t level = 0;
+  std::string p = real;
+  while (true) {
+    const auto slash = p.find_last_of('/');
+    if (slash == std::string::npos || slash == 0) break;
+    std::string parent = p.substr(0, slash);
+    struct statfs pfs {};
+    if (statfs(parent.c_str(), &pfs) != 0 || pfs.f_type != kCgroup2Magic) break;
+    ++level;
+    p = parent;
+  }
+  return std::pair<uint64_t, int32_t>{st.st_ino, level};
+}
+
+std::optional<Error> check_privileges() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  uint64_t eff = 0;
+  while (std::getline(status, line)) {
+    if (line.rfind("CapEff:", 0) == 0) {
+      std::istringstream in(line.substr(7));
+      in >> std::hex >> eff;
+    }
+  }
+  constexpr int kCapSysAdmin = 21, kCapPerfmon = 38, kCapBpf = 39;
+  const bool admin = eff & (1ull << kCapSysAdmin);
+  const bool bpf_perfmon = (eff & (1ull << kCapBpf)) && (eff & (1ull << kCapPerfmon));
+  if (admin || bpf_perfmon) return std::nullopt;
+  return Error{"permission denied: tracing needs root or CAP_BPF and CAP_PERFMON "
+               "(run with sudo, or setcap cap_bpf,cap_perfmon+ep build/tcpscope)",
+               1};
+}
+
+namespace {
+
+struct ProgSet {
+  bpf_program* set_state;
+  bpf_program* retransmit;
+  bpf_program* send_reset;
+  bpf_program* receive_reset;
+  bpf_program* destroy;
+  bpf_program* recv;  // optional
+  bpf_program* send;  // optional
+};
+
+ProgSet progs_for(tcpscope_bpf* s, AttachMode mode) {
+  auto& p = s->progs;
+  switch (mode) {
+    case AttachMode::TpBtf:
+      return {p.set_state_btf, p.retransmit_btf, p.send_reset_btf, p.receive_reset_btf,
+              p.destroy_btf, p.recv_btf, p.send_btf};
+    case AttachMode::RawTp:
+      return {p.set_state_raw, p.retransmit_raw, p.send_reset_raw, p.receive_reset_raw,
+              p.destroy_raw, p.recv_raw, p.send_raw};
+    case AttachMode::Tracepoint:
+      return {p.set_state_tp, p.retransmit_tp, p.send_reset_tp, p.receive_reset_tp,
+              p.destroy_tp, nullptr, nullptr};
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const TraceConfig& cfg,
+                                                       KernelFeatures& features) {
+  std::unique_ptr<BpfTracer> t(new BpfTracer());
+  t->mode_ = mode;
+  t->ncpus_ = libbpf_num_possible_cpus();
+  if (t->ncpus_ <= 0) t->ncpus_ = 1;
+
+  // 1. open
+  t->skel_.reset(tcpscope_bpf__open());
+  if (!t->skel_) return Error{"cannot open BPF object: " + errno_text(errno)};
+  tcpscope_bpf* s = t->skel_.get();
+
+  // 2. configure: filters into rodata, map sizes, which programs load.
+  const Filters& f = cfg.filters;
+  s->rodata->cfg_netns = f.netns;
+  s->rodata->cfg_cgroup = f.cgroup_id;
+  s->rodata->cfg_cgroup_level = f.cgroup_level;
+  s->rodata->cfg_pid = f.pid;
+  s->rodata->cfg_port = f.port;
+  s->rodata->cfg_lport = f.lport;
+  s->rodata->cfg_rport = f.rport;
+  s->rodata->cfg_family = f.family;
+  s->rodata->cfg_wakeup_bytes = cfg.wakeup_bytes;
+  if (int err = bpf_map__set_max_entries(s->maps.events, cfg.ring_bytes))
+    return Error{"ring buffer size " + std::to_string(cfg.ring_bytes) + ": " + errno_text(err)};
+  if (int err = bpf_map__set_max_entries(s->maps.socks, cfg.max_sockets))
+    return Error{"socket table size: " + errno_text(err)};
+
+  bpf_program* prog;
+  bpf_object__for_each_program(prog, s->obj) bpf_program__set_autoload(prog, false);
+  const ProgSet set = progs_for(s, mode);
+  std::vector<bpf_program*> wanted = {set.set_state, set.retransmit, set.send_reset,
+                                      set.receive_reset, set.destroy};
+  if (cfg.io_owner && set.recv && features.io_tracepoints()) {
+    wanted.push_back(set.recv);
+    wanted.push_back(set.send);
+  }
+  for (bpf_program* p : wanted) bpf_program__set_autoload(p, true);
+
+  // 3. load
+  if (int err = tcpscope_bpf__load(s)) {
+    if (err == -EPERM || err == -EACCES)
+      return Error{std::string("permission denied loading BPF programs (") + attach_mode_name(mode) +
+                   "): run as root or with CAP_BPF and CAP_PERFMON"};
+    return Error{std::string("loading ") + attach_mode_name(mode) + " programs failed: " +
+                 errno_text(err) + " (--verbose shows the verifier log)"};
+  }
+
+  // 4. attach, each checked
+  for (bpf_program* p : wanted) {
+    bpf_link* link = bpf_program__attach(p);
+    if (!link) {
+      const int err = errno;
+      return Error{std::string("attaching ") + bpf_program__name(p) + " failed: " +
+                   errno_text(err)};
+    }
+    t->links_.emplace_back(link);
+    t->programs_.push_back(bpf_program__name(p));
+  }
+
+  // 5. ring buffer consumer
+  t->ring_.reset(ring_buffer__new(bpf_map__fd(s->maps.events), &BpfTracer::handle, t.get(), nullptr));
+  if (!t->ring_) return Error{"cannot set up the ring buffer consumer: " + errno_text(errno)};
+  return t;
+}
+
+Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
+                                                    KernelFeatures& features) {
+  if (!features.btf())
+    return Error{"kernel BTF not found (/sys/kernel/btf/vmlinux): tcpscope needs a kernel "
+                 "built with CONFIG_DEBUG_INFO_BTF=y"};
+  if (!features.ringbuf())
+    return Error{"the kernel has no BPF ring buffer (needs Linux 5.8 or later)"};
+
+  std::vector<AttachMode> modes;
+  if (cfg.force_mode) modes = {*cfg.force_mode};
+  else modes = {AttachMode::TpBtf, AttachMode::RawTp, AttachMode::Tracepoint};
+
+  std::vector<std::string> fallbacks;
+  Error last{"no attach method available"};
+  for (AttachMode mode : modes) {
+    const bool supported = mode == AttachMode::TpBtf   ? features.tp_btf()
+                           : mode == AttachMode::RawTp ? features.raw_tp()
+                                                       : features.tracepoint();
+    if (!supported) {
+      last = Error{std::string(attach_mode_name(mode)) + " is not supported by this kernel"};
+      fallbacks.push_back(last.message);
+      spdlog::debug("{}", last.message);
+      continue;
+    }
+    auto r = try_mode(mode, cfg, features);
+    if (r.ok()) {
+      r.value()->fallbacks_ = fallbacks;
+      return r;
+    }
+    last = r.error();
+    fallbacks.push_back(std::string(attach_mode_name(mode)) + ": " + last.message);
+    spdlog::debug("{}", fallbacks.back());
+    // Permission problems will not go away with another flavour.
+    if (last.message.rfind("permission denied", 0) == 0) break;
+  }
+  return last;
+}
+
+int BpfTracer::handle(void* ctx, void* data, size_t size) {
+  auto* self = static_cast<BpfTracer*>(ctx);
+  if (size != sizeof(Event)) {
+    ++self->malformed_;
+    return 0;
+  }
+  // Ring buffer records are 8-byte aligned: the cast is safe.
+  self->on_event_(*static_cast<const Event*>(data));
+  return 0;
+}
+
+int BpfTracer::poll(int timeout_ms) {
+  const int n = ring_buffer__poll(ring_.get(), timeout_ms);
+  if (n < 0 && n != -EINTR) return n;
+  // Producers wake us only past a threshold: drain what sits below it.
+  const int m = ring_buffer__consume(ring_.get());
+  return (n > 0 ? n : 0) + (m > 0 ? m : 0);
+}
+
+int BpfTracer::epoll_fd() const { return ring_buffer__epoll_fd(ring_.get()); }
+
+int BpfTracer::consume() { return ring_buffer__consume(ring_.get()); }
+
+uint64_t BpfTracer::drops(int kind) const {
+  std::vector<uint64_t> values(static_cast<size_t>(ncpus_), 0);
+  uint32_t key = static_cast<uint32_t>(kind);
+  if (bpf_map_lookup_elem(bpf_map__fd(skel_->maps.drops), &key, values.data()) != 0) return 0;
+  uint64_t sum = 0;
+  for (uint64_t v : values) sum += v;
+  return sum;
+}
+
+}  // namespace tcpscope

@@ -1,0 +1,264 @@
+#include "tcpscope/tracker.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace tcpscope {
+
+std::string_view open_kind_name(OpenKind kind) {
+  switch (kind) {
+    case OpenKind::Unknown: return "unknown";
+    case OpenKind::Active: return "active";
+    case OpenKind::Passive: return "passive";
+    case OpenKind::Listen: return "listen";
+  }
+  return "unknown";
+}
+
+std::string_view close_kind_name(CloseKind kind) {
+  switch (kind) {
+    case CloseKind::Open: return "open";
+    case CloseKind::ActiveClose: return "active_close";
+    case CloseKind::PassiveClose: return "passive_close";
+    case CloseKind::Simultaneous: return "simultaneous";
+    case CloseKind::ResetSent: return "reset_sent";
+    case CloseKind::ResetReceived: return "reset_received";
+    case CloseKind::Aborted: return "aborted";
+  }
+  return "open";
+}
+
+namespace {
+
+bool is_local_abort_reason(uint32_t reason) {
+  switch (reason) {
+    case 11:  // TCP_ABORT_ON_CLOSE: closed with unread data
+    case 12:  // TCP_ABORT_ON_LINGER
+    case 13:  // TCP_ABORT_ON_MEMORY
+    case 14:  // TCP_STATE: tcp_disconnect(), e.g. SO_LINGER 0
+    case 15:  // TCP_KEEPALIVE_TIMEOUT
+    case 16:  // TCP_DISCONNECT_WITH_DATA
+      return true;
+    default:
+      return false;
+  }
+}
+
+OpenKind open_kind_of(const Event& ev) {
+  if (ev.type != TCPSCOPE_EV_STATE) return OpenKind::Unknown;
+  if (ev.new_state == kTcpListen) return OpenKind::Listen;
+  if (ev.old_state == kTcpClose && ev.new_state == kTcpSynSent)
+    return OpenKind::Active;
+  if (ev.new_state == kTcpSynRecv &&
+      (ev.old_state == kTcpClose || ev.old_state == kTcpListen ||
+       ev.old_state == kTcpNewSynRecv))
+    return OpenKind::Passive;
+  return OpenKind::Unknown;
+}
+
+}  // namespace
+
+CloseKind Tracker::classify_close(const Connection& c) {
+  if (!c.is_closed()) return CloseKind::Open;
+  // A RST we sent that ends the connection: either the local side aborted
+  // (SO_LINGER 0, unread data...) or it answered the peer's segment
+  // (TCP_ABORT_ON_DATA). tcp_reset() also fires tcp_receive_reset on
+  // ABORT_ON_DATA, so the reason we sent wins over a received RST.
+  if (c.resets_sent > 0 && c.last_reset_sent_ns >= c.closed_ns) {
+    if (c.last_reset_reason == 8 /* TCP_ABORT_ON_DATA */)
+      return CloseKind::ResetSent;
+    if (is_local_abort_reason(c.last_reset_reason)) return CloseKind::Aborted;
+  }
+  if (c.resets_received > 0 && c.last_reset_received_ns <= c.closed_ns)
+    return CloseKind::ResetReceived;
+  if (c.resets_sent > 0 && c.last_reset_sent_ns + 1'000'000 >= c.closed_ns &&
+      c.close_from != kTcpFinWait2 && c.close_from != kTcpClosing &&
+      c.close_from != kTcpLastAck)
+    return CloseKind::ResetSent;
+  if (c.visited_state(kTcpClosing)) return CloseKind::Simultaneous;
+  if (c.visited_state(kTcpFinWait1)) return CloseKind::ActiveClose;
+  if (c.visited_state(kTcpCloseWait)) return CloseKind::PassiveClose;
+  if (c.close_from == kTcpFinWait2 || c.close_from == kTcpTimeWait)
+    return CloseKind::ActiveClose;  // first seen late in an active close
+  if (c.close_from == kTcpLastAck) return CloseKind::PassiveClose;
+  return CloseKind::Aborted;
+}
+
+const Connection* Tracker::find(uint64_t id) const {
+  auto it = conns_.find(id);
+  return it == conns_.end() ? nullptr : &it->second;
+}
+
+Connection& Tracker::start(const Event& ev) {
+  auto [it, inserted] = conns_.try_emplace(ev.conn);
+  Connection& c = it->second;
+  if (!inserted) {
+    // The same socket starts a new connection (connect() again after a
+    // failure): the old lifecycle is final now.
+    finalize(c);
+    c = Connection{};
+  }
+  c.id = ev.conn;
+  c.netns = ev.netns;
+  c.family = ev.family;
+  c.lport = ev.lport;
+  c.rport = ev.rport;
+  std::memcpy(c.laddr.data(), ev.laddr, c.laddr.size());
+  std::memcpy(c.raddr.data(), ev.raddr, c.raddr.size());
+  c.first_ns = ev.ts_ns;
+  c.open_kind = open_kind_of(ev);
+  started_.push_back(ev.conn);
+  return c;
+}
+
+void Tracker::record_state(Connection& c, uint8_t state, uint64_t ts) {
+  c.state = state;
+  c.state_since_ns = ts;
+  if (state < 32) c.visited |= 1u << state;
+  if (c.history_len < Connection::kHistory) {
+    c.history_state[c.history_len] = state;
+    c.history_ns[c.history_len] = ts;
+    ++c.history_len;
+  } else {
+    ++c.history_dropped;
+  }
+}
+
+Tracked Tracker::apply(const Event& ev) {
+  Tracked out;
+  out.ev = &ev;
+  if (ev.ts_ns > last_ns_) last_ns_ = ev.ts_ns;
+  expire(ev.ts_ns);
+
+  if (ev.type == TCPSCOPE_EV_END) {
+    finish(ev.ts_ns);
+    return out;
+  }
+  if (ev.type == TCPSCOPE_EV_LOST || ev.conn == 0) return out;
+
+  auto it = conns_.find(ev.conn);
+  Connection* c = it == conns_.end() ? nullptr : &it->second;
+  const bool reopens = c && c->is_closed() && ev.type == TCPSCOPE_EV_STATE &&
+                       ev.old_state == kTcpClose;
+  const bool fresh = !c || reopens;
+  if (fresh) {
+    // A reset for a connection that has ended and been forgotten, on a
+    // timewait or request sock: nothing to attach it to.
+    if (ev.type == TCPSCOPE_EV_RESET_SENT &&
+        (ev.sk_flags & TCPSCOPE_SK_TIMEWAIT))
+      return out;
+    c = &start(ev);
+    if (ev.type == TCPSCOPE_EV_STATE) {
+      // The state left is known only for a connection we saw start.
+      if (c->open_kind != OpenKind::Unknown || reopens)
+        record_state(*c, ev.old_state, ev.ts_ns);
+    } else {
+      record_state(*c, ev.old_state, ev.ts_ns);
+    }
+    enforce_cap();
+  }
+
+  // connect() reports SYN_SENT before it picks the local port.
+  if (c->lport == 0 && ev.lport != 0 && ev.type == TCPSCOPE_EV_STATE) {
+    c->lport = ev.lport;
+    std::memcpy(c->laddr.data(), ev.laddr, c->laddr.size());
+  }
+  if (ev.pid != 0) {
+    c->pid = ev.pid;
+    std::memcpy(c->comm.data(), ev.comm, c->comm.size());
+    c->owner_src = ev.owner_src;
+  }
+
+  switch (ev.type) {
+    case TCPSCOPE_EV_STATE: {
+      // The state left is timed only if we saw it entered.
+      if (!fresh && c->state == ev.old_state)
+        out.prev_state_ns = static_cast<int64_t>(ev.ts_ns - c->state_since_ns);
+      record_state(*c, ev.new_state, ev.ts_ns);
+      if (ev.new_state == kTcpClose && !c->is_closed()) {
+        c->closed_ns = ev.ts_ns;
+        c->close_from = ev.old_state;
+        c->close_sk_flags = ev.sk_flags;
+        closing_.emplace_back(ev.ts_ns, c->id);
+      }
+      break;
+    }
+    case TCPSCOPE_EV_RETRANSMIT:
+      if (c->retransmits++ == 0) c->first_retransmit_ns = ev.ts_ns;
+      c->last_retransmit_ns = ev.ts_ns;
+      c->last_retransmit_state = ev.old_state;
+      if (ev.old_state < 16) c->retransmit_states |= 1u << ev.old_state;
+      if (ev.tcp_flags & TCPSCOPE_TCP_FIN) ++c->fin_retransmits;
+      break;
+    case TCPSCOPE_EV_RESET_SENT:
+      ++c->resets_sent;
+      c->last_reset_reason = ev.reason;
+      c->last_reset_flags = ev.tcp_flags;
+      c->last_reset_sent_ns = ev.ts_ns;
+      break;
+    case TCPSCOPE_EV_RESET_RECEIVED:
+      ++c->resets_received;
+      c->last_reset_received_ns = ev.ts_ns;
+      break;
+    default:
+      break;
+  }
+  out.conn = c;
+  return out;
+}
+
+void Tracker::finalize(Connection& c) {
+  c.close_kind = classify_close(c);
+  if (on_end_) on_end_(c);
+}
+
+void Tracker::expire(uint64_t now_ns) {
+  while (!closing_.empty() &&
+         closing_.front().first + limits_.close_grace_ns < now_ns) {
+    const uint64_t id = closing_.front().second;
+    const uint64_t closed = closing_.front().first;
+    closing_.pop_front();
+    auto it = conns_.find(id);
+    // Skip stale entries: the id was reopened since.
+    if (it == conns_.end() || it->second.closed_ns != closed) continue;
+    finalize(it->second);
+    conns_.erase(it);
+  }
+}
+
+void Tracker::enforce_cap() {
+  if (started_.size() > 2 * conns_.size() + 1024) {
+    std::erase_if(started_, [this](uint64_t id) { return !conns_.contains(id); });
+  }
+  while (conns_.size() > limits_.max_connections) {
+    if (!closing_.empty()) {
+      expire(closing_.front().first + limits_.close_grace_ns + 1);
+      continue;
+    }
+    if (started_.empty()) break;
+    const uint64_t id = started_.front();
+    started_.pop_front();
+    auto it = conns_.find(id);
+    if (it == conns_.end()) continue;
+    finalize(it->second);
+    conns_.erase(it);
+    ++evicted_;
+  }
+}
+
+void Tracker::finish(uint64_t end_ns) {
+  if (end_ns > last_ns_) last_ns_ = end_ns;
+  // Final order: by start time, so reports do not depend on hash order.
+  std::vector<Connection*> all;
+  all.reserve(conns_.size());
+  for (auto& [id, c] : conns_) all.push_back(&c);
+  std::sort(all.begin(), all.end(), [](const Connection* a, const Connection* b) {
+    return a->first_ns != b->first_ns ? a->first_ns < b->first_ns : a->id < b->id;
+  });
+  for (Connection* c : all) finalize(*c);
+  conns_.clear();
+  closing_.clear();
+  started_.clear();
+}
+
+}  // namespace tcpscope
