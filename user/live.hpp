@@ -1,0 +1,48 @@
+// A live tracing session: the BPF tracer plus the consumer loop. Every record
+// (kernel events and the LOST/END records made here) goes to one consumer,
+// which is the analysis pipeline for `trace` and the capture writer for
+// `record`.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tcpscope/event.hpp"
+#include "tcpscope/features.hpp"
+#include "tcpscope/result.hpp"
+#include "tcpscope/tracer.hpp"
+
+namespace tcpscope {
+
+class LiveSession {
+ public:
+  using Consumer = std::function<void(const Event&)>;
+
+  // Checks privileges, probes the kernel, loads and attaches.
+  static Result<std::unique_ptr<LiveSession>> start(TraceConfig cfg,
+                                                    const std::vector<std::string>& disabled);
+
+  BpfTracer& tracer() { return *tracer_; }
+  KernelFeatures& features() { return features_; }
+  const TraceConfig& config() const { return cfg_; }
+  uint64_t start_ns() const { return start_ns_; }
+
+  // Runs until SIGINT/SIGTERM, until duration_s (if > 0) or until
+  // should_stop() says so. on_batch runs after every drained batch (flush
+  // output there). The last record passed to consume is TCPSCOPE_EV_END.
+  // Returns 0, or 1 after a runtime error (already printed).
+  int run(double duration_s, const Consumer& consume, const std::function<void()>& on_batch,
+          const std::function<bool()>& should_stop = {});
+
+ private:
+  LiveSession() = default;
+
+  KernelFeatures features_;
+  TraceConfig cfg_;
+  std::unique_ptr<BpfTracer> tracer_;
+  uint64_t start_ns_ = 0;
+};
+
+}  // namespace tcpscope
