@@ -141,6 +141,16 @@ static __always_inline void sock__read_tuple(const struct sock *sk,
 	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
 
 	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (!e->lport) {
+		/* Closing releases the port binding (inet_num = 0) before
+		 * the CLOSE transition is reported; inet_sport keeps it. Only
+		 * full sockets have it: tw and request socks keep skc_num. */
+		__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
+
+		if (state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV)
+			e->lport = bpf_ntohs(BPF_CORE_READ(
+				(const struct inet_sock *)sk, inet_sport));
+	}
 	e->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	if (family == AF_INET) {
@@ -565,6 +575,12 @@ static __always_inline int send_reset__handle(const struct sock *sk,
 	} else {
 		return 0;
 	}
+	if (sk && skb && state == TCP_LISTEN) {
+		/* A listener answering a segment that matched no connection
+		 * (a late FIN, say): what matters is the segment's tuple. */
+		skb__read_tuple(skb, &e);
+		e.sk_flags |= TCPSCOPE_SK_LISTENER;
+	}
 	if (!filter__match_netns(&e) || !filter__match_ports(&e))
 		return 0;
 	if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV) {
@@ -746,4 +762,192 @@ SEC("raw_tp/sock_send_length")
 int BPF_PROG(send_raw, const struct sock *sk)
 {
 	return io__handle(sk);
+}
+
+/* ---- timewait socks, by their timer --------------------------------------- */
+
+/* CONFIG_HZ converts the tw timer (jiffies) to time; weak so the programs
+ * still load where libbpf cannot read the kernel config. */
+extern unsigned int CONFIG_HZ __kconfig __weak;
+/* The tw timer's callback (a static function: libbpf finds it in
+ * kallsyms); weak, 0 if hidden. */
+extern const void tw_timer_handler __ksym __weak;
+
+/* Trace tw timers: set only if the kernel exposes tw_timer_handler. */
+const volatile bool cfg_tw_timers = false;
+
+static __always_inline __u64 jiffies__to_boot_ns(__u64 expires)
+{
+	__u64 now_j = bpf_jiffies64();
+	__u64 now = bpf_ktime_get_boot_ns();
+
+	if (!CONFIG_HZ)
+		return 0;
+	if ((long)(expires - now_j) <= 0)
+		return now;
+	return now + (expires - now_j) * (1000000000ULL / CONFIG_HZ);
+}
+
+/* The state tracepoint never shows TIME_WAIT; the tw sock's timer does:
+ * armed in inet_twsk_schedule() before tcp_done() reports CLOSE, fired on
+ * expiry, cancelled when the tw sock is killed early. Every timer on the
+ * host passes here, so the first test is the callback pointer. */
+static __always_inline int tw_timer__handle(const struct timer_list *timer,
+					    __u8 type)
+{
+	const struct inet_timewait_sock *tw;
+	struct tcpscope_event e = {};
+
+	if (!cfg_tw_timers || !&tw_timer_handler)
+		return 0;
+	if ((__u64)BPF_CORE_READ(timer, function) != (__u64)&tw_timer_handler)
+		return 0;
+	tw = (const void *)timer -
+	     bpf_core_field_offset(struct inet_timewait_sock, tw_timer);
+	sock__read_tuple((const struct sock *)tw, &e);
+	if (!filter__match_netns(&e) || !filter__match_ports(&e))
+		return 0;
+	e.type = type;
+	e.conn = BPF_CORE_READ(tw, __tw_common.skc_cookie.counter);
+	e.old_state = TCP_TIME_WAIT;
+	e.new_state = BPF_CORE_READ(tw, tw_substate);
+	e.sk = (__u64)tw;
+	e.sk_flags = TCPSCOPE_SK_TIMEWAIT;
+	if (type == TCPSCOPE_EV_TW_START)
+		e.aux = jiffies__to_boot_ns(BPF_CORE_READ(timer, expires));
+	ringbuf__emit(&e);
+	return 0;
+}
+
+SEC("tp_btf/timer_start")
+int BPF_PROG(tw_start_btf, const struct timer_list *timer)
+{
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_START);
+}
+
+SEC("tp_btf/timer_cancel")
+int BPF_PROG(tw_cancel_btf, const struct timer_list *timer)
+{
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_CANCEL);
+}
+
+SEC("tp_btf/timer_expire_entry")
+int BPF_PROG(tw_expire_btf, const struct timer_list *timer)
+{
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_EXPIRE);
+}
+
+SEC("raw_tp/timer_start")
+int BPF_PROG(tw_start_raw, const struct timer_list *timer)
+{
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_START);
+}
+
+SEC("raw_tp/timer_cancel")
+int BPF_PROG(tw_cancel_raw, const struct timer_list *timer)
+{
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_CANCEL);
+}
+
+SEC("raw_tp/timer_expire_entry")
+int BPF_PROG(tw_expire_raw, const struct timer_list *timer)
+{
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_EXPIRE);
+}
+
+SEC("tp/timer/timer_start")
+int tw_start_tp(struct trace_event_raw_timer_start *ctx)
+{
+	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_START);
+}
+
+SEC("tp/timer/timer_cancel")
+int tw_cancel_tp(struct trace_event_raw_timer_class *ctx)
+{
+	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_CANCEL);
+}
+
+SEC("tp/timer/timer_expire_entry")
+int tw_expire_tp(struct trace_event_raw_timer_expire_entry *ctx)
+{
+	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_EXPIRE);
+}
+
+/* ---- iter/tcp: timewait sweep and socket snapshot ------------------------ */
+
+/* Set by user space before each pass: 0 = timewait socks only (the periodic
+ * sweep), 1 = every socket (start-up snapshot). */
+volatile __u32 iter_all_sockets = 0;
+
+static __always_inline void record__tuple(const struct sock_common *skc,
+					  struct tcpscope_sock_record *r)
+{
+	struct tcpscope_event e = {};
+
+	sock__read_tuple((const struct sock *)skc, &e);
+	r->family = e.family;
+	r->lport = e.lport;
+	r->rport = e.rport;
+	r->netns = e.netns;
+	__builtin_memcpy(r->laddr, e.laddr, sizeof(r->laddr));
+	__builtin_memcpy(r->raddr, e.raddr, sizeof(r->raddr));
+}
+
+SEC("iter/tcp")
+int sock_iter(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct seq_file *seq = ctx->meta->seq;
+	struct tcpscope_sock_record r = {};
+	struct tcpscope_event e = {};
+	__u8 state;
+
+	if (!skc)
+		return 0;
+	state = BPF_CORE_READ(skc, skc_state);
+	if (state != TCP_TIME_WAIT && !iter_all_sockets)
+		return 0;
+	record__tuple(skc, &r);
+	/* Same netns/family/port filters as the tracepoints. */
+	e.netns = r.netns;
+	e.family = r.family;
+	e.lport = r.lport;
+	e.rport = r.rport;
+	if (!filter__match_netns(&e) || !filter__match_ports(&e))
+		return 0;
+	r.state = state;
+	r.substate = state;
+	r.conn = bpf_get_socket_cookie(skc);
+	r.ts_ns = bpf_ktime_get_boot_ns();
+	if (state == TCP_TIME_WAIT) {
+		struct tcp_timewait_sock *tw = bpf_skc_to_tcp_timewait_sock(skc);
+		long remaining;
+
+		if (!tw)
+			return 0;
+		r.substate = BPF_CORE_READ(tw, tw_sk.tw_substate);
+		remaining = (long)(BPF_CORE_READ(tw, tw_sk.tw_timer.expires) -
+				   bpf_jiffies64());
+		if (CONFIG_HZ && remaining > 0)
+			r.expires_ns = r.ts_ns + (__u64)remaining *
+						 (1000000000ULL / CONFIG_HZ);
+		else if (CONFIG_HZ)
+			r.expires_ns = r.ts_ns;
+	} else if (state != TCP_NEW_SYN_RECV) {
+		struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
+		struct tcpscope_event q = {};
+
+		if (!tp)
+			return 0;
+		if (state != TCP_LISTEN) {
+			sock__read_queues((const struct sock *)tp, &q);
+			r.rx_queue = q.rx_queue;
+			r.tx_queue = q.tx_queue;
+		}
+		r.ino = BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.sk_socket,
+				      file, f_inode, i_ino);
+		r.uid = BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.sk_uid.val);
+	}
+	bpf_seq_write(seq, &r, sizeof(r));
+	return 0;
 }

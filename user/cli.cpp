@@ -75,9 +75,62 @@ Result<Options> parse_command_line(int argc, char** argv) {
       ->check(CLI::Range(1024u, 16u << 20));
   app.add_flag("--no-io-owner", no_io,
                "Do not refine owners on first send/recv (saves a probe per send/recv)");
+  double tw_sweep_s = 1.0;
+  app.add_option("--tw-sweep-interval", tw_sweep_s,
+                 "Seconds between TIME_WAIT sweeps (iter/tcp); bounds the error of TIME_WAIT "
+                 "end times; 0 = no sweeps")
+      ->check(CLI::Range(0.0, 3600.0));
+  bool no_tw_timers = false;
+  app.add_flag("--no-tw-timers", no_tw_timers,
+               "Do not trace timewait timers (saves a probe per kernel timer start; TIME_WAIT "
+               "entries and ends then come from sweeps only)");
   app.add_flag("--info", info, "Print what the kernel supports and exit");
   auto* trace_cmd = app.add_subcommand("trace", "Live tracing (the default)");
   trace_cmd->fallthrough();
+
+  // record: the trace filters above fall through to it.
+  RecordOptions& r = o.record;
+  std::string max_size, ring, compress = "zstd";
+  auto* record_cmd = app.add_subcommand(
+      "record", "Record raw events to a capture file for a later `report` "
+                "(--ring: flight recorder, keep only the last SIZE in memory)");
+  record_cmd->fallthrough();
+  record_cmd->add_option("-o,--output", r.output, "Capture file (created 0600)");
+  record_cmd->add_option("--max-size", max_size,
+                         "Rotate to FILE.1, FILE.2... when a file reaches SIZE (e.g. 100M)");
+  record_cmd->add_option("--max-files", r.max_files,
+                         "Keep only the newest N files (parts or flight recorder dumps)")
+      ->check(CLI::Range(1u, 1000000u));
+  record_cmd->add_option("--compress", compress, "zstd (default) or none")
+      ->check(CLI::IsMember({"zstd", "none"}));
+  record_cmd->add_option("--zstd-level", r.zstd_level, "zstd level")->check(CLI::Range(1, 19));
+  record_cmd->add_option("--ring", ring,
+                         "Flight recorder: keep the last SIZE of events in memory (e.g. 64M) and "
+                         "write them on SIGUSR1, on exit or when a trigger fires");
+  auto* t_fin = record_cmd->add_flag("--trigger-late-fin", r.trigger_late_fin,
+                                     "Dump when a late FIN is answered with a RST");
+  auto* t_cw = record_cmd->add_option("--trigger-close-wait", r.trigger_close_wait,
+                                      "Dump when N connections are stuck in CLOSE_WAIT")
+                   ->check(CLI::Range(1u, 100000000u));
+  auto* t_tw = record_cmd->add_option("--trigger-time-wait", r.trigger_time_wait,
+                                      "Dump when more than N TIME_WAIT sockets exist")
+                   ->check(CLI::Range(1u, 100000000u));
+  auto* t_age = record_cmd->add_option("--trigger-close-wait-age", r.close_wait_threshold_s,
+                                       "Seconds in CLOSE_WAIT that count as stuck (default 60)")
+                    ->check(CLI::PositiveNumber);
+  auto* t_delay = record_cmd->add_option("--trigger-delay", r.trigger_delay_s,
+                                         "Seconds to keep recording after a trigger (default 1)")
+                      ->check(CLI::NonNegativeNumber);
+  auto* t_cool = record_cmd->add_option("--trigger-cooldown", r.trigger_cooldown_s,
+                                        "Seconds after a dump during which triggers are "
+                                        "ignored (default 60)")
+                     ->check(CLI::NonNegativeNumber);
+
+  auto* report_cmd = app.add_subcommand(
+      "report", "Print the reports of a capture (no BPF, no root needed); --json, --top apply");
+  report_cmd->fallthrough();
+  report_cmd->add_option("file", o.report_file, "Capture file written by `tcpscope record`")
+      ->required();
   app.require_subcommand(0, 1);
 
   try {
@@ -94,11 +147,44 @@ Result<Options> parse_command_line(int argc, char** argv) {
   }
 
   if (info) o.command = Options::Command::Info;
+  if (*report_cmd) {
+    // Filters act in the kernel at record time; a report cannot apply them.
+    for (const char* name : {"--netns", "--cgroup", "--pid", "--port", "--lport", "--rport",
+                             "--ipv4", "--ipv6", "--duration", "--attach", "--ring-size"})
+      if (app.count(name))
+        return Error{std::string("report: ") + name + " applies to trace and record, not report", 2};
+    o.command = Options::Command::Report;
+    return o;
+  }
+  if (*record_cmd) {
+    o.command = Options::Command::Record;
+    if (r.output.empty()) return Error{"record: -o FILE is required", 2};
+    r.compress = compress == "zstd";
+    if (!max_size.empty()) {
+      auto b = parse_size(max_size);
+      if (!b || *b < (64u << 10))
+        return Error{"--max-size " + max_size + ": must be a size of at least 64K", 2};
+      r.max_size = *b;
+    }
+    if (!ring.empty()) {
+      auto b = parse_size(ring);
+      if (!b || *b < (64u << 10) || *b > (64ull << 30))
+        return Error{"--ring " + ring + ": must be a size from 64K to 64G", 2};
+      r.ring_bytes = *b;
+      if (!max_size.empty())
+        return Error{"--max-size does not apply to --ring (each dump is one file)", 2};
+    } else {
+      for (auto* opt : {t_fin, t_cw, t_tw, t_age, t_delay, t_cool})
+        if (opt->count())
+          return Error{opt->get_name() + " needs --ring (triggers drive the flight recorder)", 2};
+    }
+  }
   Filters& f = o.trace.filters;
   if (!netns.empty()) {
     auto r = resolve_netns(netns);
     if (!r) return r.error();
     f.netns = *r;
+    if (netns.find('/') != std::string::npos) o.trace.netns_path = netns;
   }
   if (!cgroup.empty()) {
     auto r = resolve_cgroup(cgroup);
@@ -119,6 +205,10 @@ Result<Options> parse_command_line(int argc, char** argv) {
     return Error{"--ring-size " + ring_size + ": must be a power of two from 4K to 1G", 2};
   o.trace.ring_bytes = static_cast<uint32_t>(*bytes);
   o.trace.io_owner = !no_io;
+  o.trace.tw_timers = !no_tw_timers;
+  if (tw_sweep_s > 0 && tw_sweep_s < 0.01)
+    return Error{"--tw-sweep-interval: use 0 (off) or at least 0.01 s", 2};
+  o.trace.tw_sweep_ms = static_cast<uint32_t>(tw_sweep_s * 1000);
   return o;
 }
 

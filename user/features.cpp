@@ -6,6 +6,8 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstring>
 #include <memory>
 
 namespace tcpscope {
@@ -39,7 +41,7 @@ constexpr const char* kTracefs = "/sys/kernel/tracing";
 const std::vector<std::string>& KernelFeatures::names() {
   static const std::vector<std::string> kNames = {
       "btf", "ringbuf", "tp_btf", "raw_tp", "tracepoint",
-      "io_tracepoints", "reset_reason", "bpf_stats"};
+      "io_tracepoints", "reset_reason", "bpf_stats", "iter_tcp", "tw_timers"};
   return kNames;
 }
 
@@ -73,6 +75,36 @@ bool KernelFeatures::reset_reason() {
 }
 bool KernelFeatures::bpf_stats() {
   return probe("bpf_stats", &KernelFeatures::probe_bpf_stats);
+}
+bool KernelFeatures::iter_tcp() { return probe("iter_tcp", &KernelFeatures::probe_iter_tcp); }
+
+bool KernelFeatures::tw_timers() { return probe("tw_timers", &KernelFeatures::probe_tw_timers); }
+
+bool KernelFeatures::probe_tw_timers() {
+  if (!has_btf_tracepoint("timer_start") || !has_btf_tracepoint("timer_cancel") ||
+      !has_btf_tracepoint("timer_expire_entry"))
+    return false;
+  // The programs compare timer->function with tw_timer_handler, a static
+  // function: its address must be visible (kptr_restrict hides it as 0).
+  FILE* f = fopen("/proc/kallsyms", "re");
+  if (!f) return false;
+  char line[512];
+  bool found = false;
+  while (!found && fgets(line, sizeof(line), f)) {
+    unsigned long long addr = 0;
+    char type = 0;
+    char name[256];
+    if (sscanf(line, "%llx %c %255s", &addr, &type, name) == 3 && addr != 0 &&
+        std::strcmp(name, "tw_timer_handler") == 0)
+      found = true;
+  }
+  fclose(f);
+  return found;
+}
+
+bool KernelFeatures::probe_iter_tcp() {
+  BtfPtr b = load_vmlinux_btf();
+  return b && btf__find_by_name_kind(b.get(), "bpf_iter__tcp", BTF_KIND_STRUCT) > 0;
 }
 
 bool KernelFeatures::has_btf_tracepoint(const std::string& name) {
@@ -132,7 +164,9 @@ std::map<std::string, bool> KernelFeatures::table() {
           {"tracepoint", tracepoint()},
           {"io_tracepoints", io_tracepoints()},
           {"reset_reason", reset_reason()},
-          {"bpf_stats", bpf_stats()}};
+          {"bpf_stats", bpf_stats()},
+          {"iter_tcp", iter_tcp()},
+          {"tw_timers", tw_timers()}};
 }
 
 std::string KernelFeatures::kernel_release() const {

@@ -5,13 +5,18 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include <fcntl.h>
+#include <sched.h>
+
 #include <cerrno>
+#include <thread>
 #include <cstring>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "tcpscope/format.hpp"
+#include "tcpscope/timewait.hpp"
 
 namespace tcpscope {
 
@@ -21,11 +26,12 @@ namespace {
 // flag, no async-signal handler.
 class SignalFd {
  public:
-  SignalFd() {
+  explicit SignalFd(bool usr1) {
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGINT);
     sigaddset(&mask, SIGTERM);
+    if (usr1) sigaddset(&mask, SIGUSR1);
     sigprocmask(SIG_BLOCK, &mask, nullptr);
     fd_ = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
   }
@@ -35,14 +41,40 @@ class SignalFd {
   SignalFd(const SignalFd&) = delete;
   SignalFd& operator=(const SignalFd&) = delete;
   int fd() const { return fd_; }
-  bool pending() {
+  // The pending signal's number, 0 if none.
+  int pending() {
     signalfd_siginfo si{};
-    return read(fd_, &si, sizeof(si)) == sizeof(si);
+    return read(fd_, &si, sizeof(si)) == sizeof(si) ? static_cast<int>(si.ssi_signo) : 0;
   }
 
  private:
   int fd_ = -1;
 };
+
+// The local port range of the traced namespace (per-netns sysctl), read
+// from a thread that joins it: setns() changes only the calling thread.
+std::pair<uint16_t, uint16_t> read_port_range(const std::string& netns_path) {
+  std::pair<uint16_t, uint16_t> range{0, 0};
+  auto read = [&range] {
+    FILE* f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "re");
+    if (!f) return;
+    unsigned lo = 0, hi = 0;
+    if (fscanf(f, "%u %u", &lo, &hi) == 2 && lo <= hi && hi < 65536) range = {lo, hi};
+    fclose(f);
+  };
+  if (netns_path.empty()) {
+    read();
+    return range;
+  }
+  std::thread t([&] {
+    const int fd = open(netns_path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    if (setns(fd, CLONE_NEWNET) == 0) read();
+    close(fd);
+  });
+  t.join();
+  return range;
+}
 
 class Fd {
  public:
@@ -73,13 +105,14 @@ Result<std::unique_ptr<LiveSession>> LiveSession::start(TraceConfig cfg,
   s->tracer_ = std::move(tracer.value());
   for (const auto& fb : s->tracer_->fallbacks()) spdlog::info("fell back: {}", fb);
   s->start_ns_ = boottime_now_ns();
+  s->boot_offset_ns_ = measure_boot_offset_ns();
   return s;
 }
 
 int LiveSession::run(double duration_s, const Consumer& consume,
                      const std::function<void()>& on_batch,
                      const std::function<bool()>& should_stop) {
-  SignalFd signals;
+  SignalFd signals(static_cast<bool>(on_usr1_));
   BpfTracer& tracer = *tracer_;
   tracer.on_event(consume);
 
@@ -107,6 +140,42 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     }
   };
 
+  // Facts the analysis needs, as a record so that replays see them too.
+  {
+    const auto [lo, hi] = read_port_range(cfg_.netns_path);
+    Event c{};
+    c.type = TCPSCOPE_EV_CONFIG;
+    c.ts_ns = start_ns_;
+    c.netns = cfg_.filters.netns;
+    c.reason = lo;
+    c.seg_len = hi;
+    c.aux = (tracer.tw_timers_on() ? TCPSCOPE_CONFIG_TW_TIMERS : 0) |
+            (cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter() ? TCPSCOPE_CONFIG_TW_SWEEP : 0);
+    consume(c);
+  }
+
+  // TIME_WAIT sweeps: the state tracepoint never shows the tw sock's end.
+  TimeWaitSweep sweep;
+  std::vector<SockRecord> records;
+  const bool sweeping = cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter();
+  // Owners of socks that predate us are unknown: under a pid or cgroup
+  // filter they cannot be attributed, so they are left out.
+  const bool report_preexisting = !cfg_.filters.pid && !cfg_.filters.cgroup_id;
+  uint64_t next_sweep = 0;
+  auto run_sweep = [&](bool initial) {
+    tracer.consume();  // entries first: a tw's CLOSE event precedes its sighting
+    const uint64_t t0 = boottime_now_ns();
+    auto got = tracer.read_sockets(false, records);
+    const uint64_t t1 = boottime_now_ns();
+    if (!got) {
+      spdlog::warn("TIME_WAIT sweep failed: {}", got.error().message);
+      return;
+    }
+    sweep.apply(t0, t1, cfg_.tw_sweep_ms, records, initial, report_preexisting, consume);
+    next_sweep = t0 + static_cast<uint64_t>(cfg_.tw_sweep_ms) * 1'000'000;
+  };
+  if (sweeping) run_sweep(true);
+
   int rc = 0;
   bool stop = false;
   while (!stop) {
@@ -123,8 +192,13 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       rc = 1;
       break;
     }
-    for (int i = 0; i < n; ++i)
-      if (evs[i].data.fd == signals.fd() && signals.pending()) stop = true;
+    for (int i = 0; i < n; ++i) {
+      if (evs[i].data.fd != signals.fd()) continue;
+      while (const int sig = signals.pending()) {
+        if (sig == SIGUSR1) on_usr1_();
+        else stop = true;
+      }
+    }
     const int consumed = tracer.consume();
     if (consumed < 0 && consumed != -EINTR) {
       fmt::print(stderr, "tcpscope: reading the ring buffer: {}\n", std::strerror(-consumed));
@@ -132,6 +206,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       break;
     }
     const uint64_t now = boottime_now_ns();
+    if (sweeping && now >= next_sweep) run_sweep(false);
     if (now >= next_lost_check) {
       check_lost(now);
       next_lost_check = now + 1'000'000'000;
@@ -140,6 +215,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     if (should_stop && should_stop()) break;
   }
   tracer.consume();
+  if (sweeping && rc == 0) run_sweep(false);  // what ended since the last pass
   const uint64_t end_ns = boottime_now_ns();
   check_lost(end_ns);
   Event end{};

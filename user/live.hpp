@@ -28,6 +28,12 @@ class LiveSession {
   KernelFeatures& features() { return features_; }
   const TraceConfig& config() const { return cfg_; }
   uint64_t start_ns() const { return start_ns_; }
+  // CLOCK_REALTIME - CLOCK_BOOTTIME measured once at start: live output and
+  // captures both use it, so `report` prints the same times as live.
+  int64_t boot_offset_ns() const { return boot_offset_ns_; }
+  // Called on the loop thread for each SIGUSR1 (flight recorder dump); when
+  // unset, SIGUSR1 keeps its default action.
+  void on_usr1(std::function<void()> fn) { on_usr1_ = std::move(fn); }
 
   // Runs until SIGINT/SIGTERM, until duration_s (if > 0) or until
   // should_stop() says so. on_batch runs after every drained batch (flush
@@ -43,6 +49,8 @@ class LiveSession {
   TraceConfig cfg_;
   std::unique_ptr<BpfTracer> tracer_;
   uint64_t start_ns_ = 0;
+  int64_t boot_offset_ns_ = 0;
+  std::function<void()> on_usr1_;
 };
 
 }  // namespace tcpscope

@@ -17,6 +17,7 @@
 
 #include "cli.hpp"
 #include "live.hpp"
+#include "record.hpp"
 #include "tcpscope/analyzers.hpp"
 #include "tcpscope/output.hpp"
 #include "tcpscope/pipeline.hpp"
@@ -59,10 +60,10 @@ int run_trace(const Options& o) {
   LiveSession& session = *started.value();
   BpfTracer& tracer = session.tracer();
 
-  TimeFormatter time(measure_boot_offset_ns());
+  TimeFormatter time(session.boot_offset_ns());  // the value captures store
   FdWriter out(STDOUT_FILENO);
   Pipeline pipeline;
-  pipeline.add_default_analyzers(o.top);
+  setup_pipeline(pipeline, o);  // shared with record --json and report
   JsonLinesSink json(out, time);
   TableSink table(out, time, TextStyle{o.top});
   Sink& sink = o.json ? static_cast<Sink&>(json) : static_cast<Sink&>(table);
@@ -125,6 +126,8 @@ int main(int argc, char** argv) {
       case Options::Command::Version: fmt::print("tcpscope {}\n", TCPSCOPE_VERSION); return 0;
       case Options::Command::Info: return run_info(o);
       case Options::Command::Trace: return run_trace(o);
+      case Options::Command::Record: return run_record(o);
+      case Options::Command::Report: return run_report(o);
     }
   } catch (const std::exception& e) {
     fail(Error{e.what()});

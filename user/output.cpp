@@ -197,9 +197,19 @@ void JsonLinesSink::write_start(uint64_t ts_ns,
   out_.flush();
 }
 
+namespace {
+// Records shown as event lines; the rest (sweeps, tw timers, config) feed
+// the analyzers, which report what they mean as notices.
+bool is_public_record(uint8_t type) {
+  return type == TCPSCOPE_EV_STATE || type == TCPSCOPE_EV_RETRANSMIT ||
+         type == TCPSCOPE_EV_RESET_SENT || type == TCPSCOPE_EV_RESET_RECEIVED ||
+         type == TCPSCOPE_EV_LOST;
+}
+}  // namespace
+
 void JsonLinesSink::on_event(const Tracked& t) {
   const Event& e = *t.ev;
-  if (e.type == TCPSCOPE_EV_END) return;
+  if (!is_public_record(e.type)) return;
   JsonWriter w(out_.buf());
   w.begin_object();
   w.member("type", event_type_name(e.type));
@@ -259,6 +269,7 @@ void JsonLinesSink::on_notice(const Notice& n) {
   for (int i = 0; i < n.nfields; ++i) {
     const auto& f = n.fields[i];
     if (f.is_text) w.member(f.key, f.text);
+    else if (f.is_bool) w.member(f.key, f.number != 0);
     else w.member(f.key, f.number);
   }
   w.end_object();
@@ -366,6 +377,7 @@ void TableSink::on_notice(const Notice& n) {
   for (int i = 0; i < n.nfields; ++i) {
     const auto& f = n.fields[i];
     if (f.is_text) fmt::format_to(o, " {}={}", f.key, f.text);
+    else if (f.is_bool) fmt::format_to(o, " {}={}", f.key, f.number ? "yes" : "no");
     else fmt::format_to(o, " {}={}", f.key, f.number);
   }
   out.push_back('\n');

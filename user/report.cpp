@@ -3,6 +3,7 @@
 
 #include "tcpscope/analyzers.hpp"
 #include "tcpscope/pipeline.hpp"
+#include "tcpscope/timewait.hpp"
 
 namespace tcpscope {
 
@@ -17,6 +18,7 @@ Pipeline::Pipeline(TrackerLimits limits) : tracker_(limits) {
 void Pipeline::add_default_analyzers(int top_n) {
   add_analyzer(std::make_unique<ConnectionsAnalyzer>());
   add_analyzer(std::make_unique<RetransmitAnalyzer>(top_n));
+  add_analyzer(std::make_unique<TimeWaitAnalyzer>(top_n));
   add_analyzer(std::make_unique<LostAnalyzer>());
 }
 

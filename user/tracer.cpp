@@ -4,12 +4,15 @@
 #include <bpf/libbpf.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <fcntl.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -104,6 +107,9 @@ struct ProgSet {
   bpf_program* destroy;
   bpf_program* recv;  // optional
   bpf_program* send;  // optional
+  bpf_program* tw_start;   // optional, with tw_cancel and tw_expire
+  bpf_program* tw_cancel;
+  bpf_program* tw_expire;
 };
 
 ProgSet progs_for(tcpscope_bpf* s, AttachMode mode) {
@@ -111,13 +117,16 @@ ProgSet progs_for(tcpscope_bpf* s, AttachMode mode) {
   switch (mode) {
     case AttachMode::TpBtf:
       return {p.set_state_btf, p.retransmit_btf, p.send_reset_btf, p.receive_reset_btf,
-              p.destroy_btf, p.recv_btf, p.send_btf};
+              p.destroy_btf,   p.recv_btf,       p.send_btf,       p.tw_start_btf,
+              p.tw_cancel_btf, p.tw_expire_btf};
     case AttachMode::RawTp:
       return {p.set_state_raw, p.retransmit_raw, p.send_reset_raw, p.receive_reset_raw,
-              p.destroy_raw, p.recv_raw, p.send_raw};
+              p.destroy_raw,   p.recv_raw,       p.send_raw,       p.tw_start_raw,
+              p.tw_cancel_raw, p.tw_expire_raw};
     case AttachMode::Tracepoint:
       return {p.set_state_tp, p.retransmit_tp, p.send_reset_tp, p.receive_reset_tp,
-              p.destroy_tp, nullptr, nullptr};
+              p.destroy_tp,   nullptr,          nullptr,          p.tw_start_tp,
+              p.tw_cancel_tp, p.tw_expire_tp};
   }
   return {};
 }
@@ -125,7 +134,7 @@ ProgSet progs_for(tcpscope_bpf* s, AttachMode mode) {
 }  // namespace
 
 Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const TraceConfig& cfg,
-                                                       KernelFeatures& features) {
+                                                       KernelFeatures& features, bool with_iter) {
   std::unique_ptr<BpfTracer> t(new BpfTracer());
   t->mode_ = mode;
   t->ncpus_ = libbpf_num_possible_cpus();
@@ -161,7 +170,13 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     wanted.push_back(set.recv);
     wanted.push_back(set.send);
   }
+  if (cfg.tw_timers && features.tw_timers()) {
+    wanted.insert(wanted.end(), {set.tw_start, set.tw_cancel, set.tw_expire});
+    s->rodata->cfg_tw_timers = true;
+    t->tw_timers_on_ = true;
+  }
   for (bpf_program* p : wanted) bpf_program__set_autoload(p, true);
+  if (with_iter) bpf_program__set_autoload(s->progs.sock_iter, true);
 
   // 3. load
   if (int err = tcpscope_bpf__load(s)) {
@@ -182,6 +197,14 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     }
     t->links_.emplace_back(link);
     t->programs_.push_back(bpf_program__name(p));
+  }
+
+  if (with_iter) {
+    bpf_link* link = bpf_program__attach_iter(s->progs.sock_iter, nullptr);
+    if (!link) return Error{"attaching the iter/tcp program failed: " + errno_text(errno)};
+    t->iter_link_.reset(link);
+    t->netns_path_ = cfg.netns_path;
+    t->programs_.push_back(bpf_program__name(s->progs.sock_iter));
   }
 
   // 5. ring buffer consumer
@@ -214,7 +237,14 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
       spdlog::debug("{}", last.message);
       continue;
     }
-    auto r = try_mode(mode, cfg, features);
+    const bool with_iter = cfg.sock_iter && features.iter_tcp();
+    auto r = try_mode(mode, cfg, features, with_iter);
+    if (!r.ok() && with_iter) {
+      // The iterator is an extra: keep tracing without it.
+      fallbacks.push_back(std::string(attach_mode_name(mode)) + " with iter/tcp: " +
+                          r.error().message);
+      r = try_mode(mode, cfg, features, false);
+    }
     if (r.ok()) {
       r.value()->fallbacks_ = fallbacks;
       return r;
@@ -245,6 +275,55 @@ int BpfTracer::poll(int timeout_ms) {
   // Producers wake us only past a threshold: drain what sits below it.
   const int m = ring_buffer__consume(ring_.get());
   return (n > 0 ? n : 0) + (m > 0 ? m : 0);
+}
+
+Result<size_t> BpfTracer::read_sockets(bool all, std::vector<SockRecord>& out) {
+  out.clear();
+  if (!iter_link_) return Error{"no iter/tcp program"};
+  skel_->bss->iter_all_sockets = all ? 1 : 0;
+  // iter/tcp walks the namespace of the task that creates the iterator:
+  // create it from a thread that joined the traced namespace.
+  int fd = -1, err = 0;
+  if (netns_path_.empty()) {
+    fd = bpf_iter_create(bpf_link__fd(iter_link_.get()));
+    err = errno;
+  } else {
+    std::thread([&] {
+      const int ns = open(netns_path_.c_str(), O_RDONLY | O_CLOEXEC);
+      if (ns < 0 || setns(ns, CLONE_NEWNET) != 0) {
+        err = errno;
+      } else {
+        fd = bpf_iter_create(bpf_link__fd(iter_link_.get()));
+        err = errno;
+      }
+      if (ns >= 0) close(ns);
+    }).join();
+  }
+  if (fd < 0) return Error{"bpf_iter_create: " + errno_text(err)};
+  if (iter_buf_.size() < 64 * sizeof(SockRecord)) iter_buf_.resize(64 * sizeof(SockRecord));
+  size_t have = 0;
+  while (true) {
+    const ssize_t n = read(fd, iter_buf_.data() + have, iter_buf_.size() - have);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      close(fd);
+      return Error{"reading iter/tcp: " + errno_text(err)};
+    }
+    if (n == 0) break;
+    have += static_cast<size_t>(n);
+    const size_t whole = have / sizeof(SockRecord);
+    for (size_t i = 0; i < whole; ++i) {
+      SockRecord r;
+      std::memcpy(&r, iter_buf_.data() + i * sizeof(SockRecord), sizeof(r));
+      out.push_back(r);
+    }
+    const size_t rest = have - whole * sizeof(SockRecord);
+    std::memmove(iter_buf_.data(), iter_buf_.data() + whole * sizeof(SockRecord), rest);
+    have = rest;
+  }
+  close(fd);
+  return out.size();
 }
 
 int BpfTracer::epoll_fd() const { return ring_buffer__epoll_fd(ring_.get()); }

@@ -78,8 +78,11 @@ CloseKind Tracker::classify_close(const Connection& c) {
   if (c.visited_state(kTcpClosing)) return CloseKind::Simultaneous;
   if (c.visited_state(kTcpFinWait1)) return CloseKind::ActiveClose;
   if (c.visited_state(kTcpCloseWait)) return CloseKind::PassiveClose;
-  if (c.close_from == kTcpFinWait2 || c.close_from == kTcpTimeWait)
-    return CloseKind::ActiveClose;  // first seen late in an active close
+  // First seen late in the close: the state it left tells who closed.
+  if (c.close_from == kTcpClosing) return CloseKind::Simultaneous;
+  if (c.close_from == kTcpFinWait1 || c.close_from == kTcpFinWait2 ||
+      c.close_from == kTcpTimeWait)
+    return CloseKind::ActiveClose;
   if (c.close_from == kTcpLastAck) return CloseKind::PassiveClose;
   return CloseKind::Aborted;
 }
@@ -107,7 +110,7 @@ Connection& Tracker::start(const Event& ev) {
   std::memcpy(c.raddr.data(), ev.raddr, c.raddr.size());
   c.first_ns = ev.ts_ns;
   c.open_kind = open_kind_of(ev);
-  started_.push_back(ev.conn);
+  started_.emplace_back(ev.ts_ns, ev.conn);
   return c;
 }
 
@@ -134,7 +137,12 @@ Tracked Tracker::apply(const Event& ev) {
     finish(ev.ts_ns);
     return out;
   }
-  if (ev.type == TCPSCOPE_EV_LOST || ev.conn == 0) return out;
+  // Only the socket's own events make its lifecycle; tw timer and sweep
+  // records describe the timewait sock that replaced it.
+  const bool socket_event = ev.type == TCPSCOPE_EV_STATE || ev.type == TCPSCOPE_EV_RETRANSMIT ||
+                            ev.type == TCPSCOPE_EV_RESET_SENT ||
+                            ev.type == TCPSCOPE_EV_RESET_RECEIVED;
+  if (!socket_event || ev.conn == 0) return out;
 
   auto it = conns_.find(ev.conn);
   Connection* c = it == conns_.end() ? nullptr : &it->second;
@@ -153,7 +161,9 @@ Tracked Tracker::apply(const Event& ev) {
       if (c->open_kind != OpenKind::Unknown || reopens)
         record_state(*c, ev.old_state, ev.ts_ns);
     } else {
-      record_state(*c, ev.old_state, ev.ts_ns);
+      // Its state is known, not when it was entered: no history entry.
+      c->state = ev.old_state;
+      if (ev.old_state < 32) c->visited |= 1u << ev.old_state;
     }
     enforce_cap();
   }
@@ -172,7 +182,7 @@ Tracked Tracker::apply(const Event& ev) {
   switch (ev.type) {
     case TCPSCOPE_EV_STATE: {
       // The state left is timed only if we saw it entered.
-      if (!fresh && c->state == ev.old_state)
+      if (!fresh && c->history_len > 0 && c->state == ev.old_state)
         out.prev_state_ns = static_cast<int64_t>(ev.ts_ns - c->state_since_ns);
       record_state(*c, ev.new_state, ev.ts_ns);
       if (ev.new_state == kTcpClose && !c->is_closed()) {
@@ -227,19 +237,22 @@ void Tracker::expire(uint64_t now_ns) {
 }
 
 void Tracker::enforce_cap() {
-  if (started_.size() > 2 * conns_.size() + 1024) {
-    std::erase_if(started_, [this](uint64_t id) { return !conns_.contains(id); });
-  }
+  // An entry is stale once its connection ended or started again.
+  auto stale = [this](const std::pair<uint64_t, uint64_t>& s) {
+    auto it = conns_.find(s.second);
+    return it == conns_.end() || it->second.first_ns != s.first;
+  };
+  if (started_.size() > 2 * conns_.size() + 1024) std::erase_if(started_, stale);
   while (conns_.size() > limits_.max_connections) {
     if (!closing_.empty()) {
       expire(closing_.front().first + limits_.close_grace_ns + 1);
       continue;
     }
     if (started_.empty()) break;
-    const uint64_t id = started_.front();
+    const auto entry = started_.front();
     started_.pop_front();
-    auto it = conns_.find(id);
-    if (it == conns_.end()) continue;
+    if (stale(entry)) continue;
+    auto it = conns_.find(entry.second);
     finalize(it->second);
     conns_.erase(it);
     ++evicted_;

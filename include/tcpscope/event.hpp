@@ -21,6 +21,10 @@ static_assert(offsetof(Event, cgroup) == 24);
 static_assert(offsetof(Event, lport) == 56);
 static_assert(offsetof(Event, laddr) == 68);
 static_assert(offsetof(Event, comm) == 100);
+static_assert(offsetof(Event, aux) == 120);
+
+using SockRecord = tcpscope_sock_record;
+static_assert(sizeof(SockRecord) == TCPSCOPE_SOCK_RECORD_SIZE, "sock record size drifted");
 
 // Kernel TCP states (include/net/tcp_states.h).
 enum TcpState : uint8_t {

@@ -23,10 +23,42 @@ enum tcpscope_event_type {
 	TCPSCOPE_EV_RETRANSMIT = 2,	/* tcp_retransmit_skb */
 	TCPSCOPE_EV_RESET_SENT = 3,	/* tcp_send_reset (sk may be gone) */
 	TCPSCOPE_EV_RESET_RECEIVED = 4, /* tcp_receive_reset */
+	/* The timer of a timewait sock (timer tracepoints, filtered on
+	 * tw_timer_handler): its whole life, exactly. conn = the tw sock's
+	 * cookie (that of its connection), sk = the tw sock, new_state =
+	 * tw_substate, aux = when the timer fires (boot ns, 0 unknown). */
+	TCPSCOPE_EV_TW_START = 5,  /* armed: the tw sock was just created, or
+				      re-armed (a retransmitted FIN restarts
+				      TIME_WAIT: then a TW_CANCEL precedes) */
+	TCPSCOPE_EV_TW_CANCEL = 6, /* disarmed: killed (recycled by a SYN,
+				      reused by connect(), an RST, netns exit)
+				      unless a TW_START follows at once */
+	TCPSCOPE_EV_TW_EXPIRE = 7, /* fired: TIME_WAIT is over */
 	/* Records made by user space, never by BPF; kept in captures so a
 	 * replay sees exactly what the live run saw. */
 	TCPSCOPE_EV_LOST = 16,	/* conn = events lost since the last one */
 	TCPSCOPE_EV_END = 17,	/* end of the trace (ts_ns = stop time) */
+	/* From the iter/tcp sweep of timewait socks (the state tracepoint
+	 * never shows TIME_WAIT). Tuple, netns and conn are the tw sock's. */
+	TCPSCOPE_EV_TW_SEEN = 18, /* a tw sock first seen, or its substate
+				     changed: new_state = substate (TIME_WAIT
+				     or FIN_WAIT2), aux = when its timer fires
+				     (boot ns, 0 unknown); sk_flags has
+				     TCPSCOPE_SK_SNAPSHOT if found by the first
+				     sweep (it predates the trace) */
+	TCPSCOPE_EV_TW_GONE = 19, /* a tw sock seen before is gone: ts_ns =
+				     the sweep that missed it, seg_len = us
+				     since the sweep that last saw it, aux =
+				     its timer as last seen (0 unknown),
+				     new_state = last substate */
+	TCPSCOPE_EV_SWEEP = 20,	  /* one sweep done: conn = tw socks seen,
+				     aux = its duration in ns, seg_len = the
+				     sweep interval in ms */
+	TCPSCOPE_EV_CONFIG = 21,  /* host facts the analysis needs, once at
+				     start: reason/seg_len = the local port
+				     range (ip_local_port_range) low/high,
+				     netns = the namespace it was read in,
+				     aux = TCPSCOPE_CONFIG_* bits */
 };
 
 /* How the owner (pid, comm) of the connection was learnt. */
@@ -37,6 +69,10 @@ enum tcpscope_owner_source {
 	TCPSCOPE_OWNER_LISTENER = 2, /* accepted child: the listener's owner */
 	TCPSCOPE_OWNER_IO = 3,	     /* first send/recv on the socket */
 };
+
+/* Bits of the CONFIG record's aux. */
+#define TCPSCOPE_CONFIG_TW_TIMERS 1ULL /* TW_START/CANCEL/EXPIRE are traced */
+#define TCPSCOPE_CONFIG_TW_SWEEP 2ULL  /* TW_SEEN/GONE sweeps run */
 
 /* Bits of tcpscope_event.sk_flags. */
 enum tcpscope_sk_flags {
@@ -54,6 +90,10 @@ enum tcpscope_sk_flags {
 	TCPSCOPE_SK_TIMEWAIT = 1 << 4,	    /* event on a timewait sock */
 	TCPSCOPE_SK_NEW = 1 << 5,	    /* first event of this socket seen
 					       by the tracer */
+	TCPSCOPE_SK_SNAPSHOT = 1 << 6,	    /* found by the start-up sweep */
+	TCPSCOPE_SK_LISTENER = 1 << 7,	    /* reset sent by a listener for a
+					       segment no connection matched:
+					       the tuple is the segment's */
 };
 
 /* TCP header flag bits as in the wire format (tcp_flags below). */
@@ -70,7 +110,7 @@ enum tcpscope_drop_kind {
 	TCPSCOPE_DROP_MAX = 2,
 };
 
-/* One kernel event. 120 bytes, 8-byte aligned. */
+/* One kernel event. 128 bytes, 8-byte aligned. */
 struct tcpscope_event {
 	__u64 ts_ns;   /* CLOCK_BOOTTIME of the event, ns */
 	__u64 conn;    /* connection id: the kernel socket cookie (shared by
@@ -103,8 +143,33 @@ struct tcpscope_event {
 	__u8 raddr[TCPSCOPE_ADDR_LEN]; /* remote address; IPv4 in the first 4 */
 	char comm[TCPSCOPE_COMM_LEN];  /* owner's command name */
 	__u32 _pad1;		       /* zero */
+	__u64 aux;     /* per type, see enum tcpscope_event_type; else 0 */
 };
 
-#define TCPSCOPE_EVENT_SIZE 120
+#define TCPSCOPE_EVENT_SIZE 128
+
+/* One socket as the iter/tcp program reports it (read from the iterator's
+ * seq file, never through the ring buffer). */
+struct tcpscope_sock_record {
+	__u64 conn;	  /* socket cookie */
+	__u64 expires_ns; /* TIME_WAIT: boot ns when the tw timer fires;
+			     0 if unknown (CONFIG_HZ not readable) */
+	__u64 ino;	  /* socket inode (full sockets with a file), else 0 */
+	__u64 ts_ns;	  /* boot ns when the record was made */
+	__u32 netns;	  /* network namespace inode */
+	__u32 rx_queue;	  /* bytes received, unread (full sockets) */
+	__u32 tx_queue;	  /* bytes unacknowledged (full sockets) */
+	__u32 uid;	  /* socket owner uid (full sockets) */
+	__u16 lport;	  /* host order */
+	__u16 rport;
+	__u8 family;	  /* 4 or 6 */
+	__u8 state;	  /* TCP state (TIME_WAIT for tw socks) */
+	__u8 substate;	  /* tw_substate for tw socks, else state */
+	__u8 _pad;
+	__u8 laddr[TCPSCOPE_ADDR_LEN];
+	__u8 raddr[TCPSCOPE_ADDR_LEN];
+};
+
+#define TCPSCOPE_SOCK_RECORD_SIZE 88
 
 #endif /* TCPSCOPE_EVENTS_H */

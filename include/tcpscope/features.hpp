@@ -30,6 +30,8 @@ class KernelFeatures {
   bool io_tracepoints(); // sock_send_length/sock_recv_length (6.3)
   bool reset_reason();   // enum sk_rst_reason in tcp_send_reset (6.10)
   bool bpf_stats();      // kernel.bpf_stats_enabled sysctl exists
+  bool iter_tcp();       // iter/tcp BPF iterator (5.9): tw sweep, snapshot
+  bool tw_timers();      // timer tracepoints + tw_timer_handler in kallsyms
 
   // True if the kernel has tracepoint NAME (BTF typedef btf_trace_NAME).
   bool has_btf_tracepoint(const std::string& name);
@@ -47,6 +49,8 @@ class KernelFeatures {
   bool probe_io();
   bool probe_reset_reason();
   bool probe_bpf_stats();
+  bool probe_iter_tcp();
+  bool probe_tw_timers();
 
   std::set<std::string> disabled_;
   std::map<std::string, bool> cache_;

@@ -25,7 +25,7 @@ class TimeFormatter {
       : offset_ns_(boot_to_realtime_ns) {}
   void set_offset(int64_t boot_to_realtime_ns) {
     offset_ns_ = boot_to_realtime_ns;
-    cached_sec_ = -1;
+    cached_sec_ = kNoSec;
   }
   int64_t offset() const { return offset_ns_; }
   // "2026-11-21T09:28:00.123456789Z"; valid until the next call.
@@ -34,8 +34,10 @@ class TimeFormatter {
   std::string_view clock(uint64_t ts_ns);
 
  private:
+  // Not a second rfc3339 can meet (-1 can: the last second of 1969).
+  static constexpr int64_t kNoSec = INT64_MIN;
   int64_t offset_ns_;
-  int64_t cached_sec_ = -1;
+  int64_t cached_sec_ = kNoSec;
   std::array<char, 24> date_prefix_{};  // "2026-11-21T09:28:00"
   std::array<char, 40> out_{};
 };

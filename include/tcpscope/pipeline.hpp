@@ -25,8 +25,9 @@ struct Notice {
     bool is_text = false;
     int64_t number = 0;
     std::string_view text;
+    bool is_bool = false;  // number is 0 or 1
   };
-  static constexpr int kMaxFields = 8;
+  static constexpr int kMaxFields = 12;
 
   std::string_view type;
   uint64_t ts_ns = 0;
@@ -40,6 +41,11 @@ struct Notice {
   }
   Notice& add(std::string_view k, std::string_view v) {
     if (nfields < kMaxFields) fields[nfields++] = Field{k, true, 0, v};
+    return *this;
+  }
+  Notice& add(std::string_view k, const char* v) { return add(k, std::string_view(v)); }
+  Notice& add_bool(std::string_view k, bool v) {
+    if (nfields < kMaxFields) fields[nfields++] = Field{k, false, v ? 1 : 0, {}, true};
     return *this;
   }
 };

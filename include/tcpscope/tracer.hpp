@@ -37,6 +37,10 @@ struct TraceConfig {
   uint32_t max_sockets = 262144;
   uint64_t wakeup_bytes = 256 * 1024;    // batch consumer wake-ups
   bool io_owner = true;                  // attach sock_{send,recv}_length
+  bool sock_iter = true;                 // load iter/tcp (tw sweep, snapshot)
+  bool tw_timers = true;                 // trace tw socks by their timer
+  uint32_t tw_sweep_ms = 1000;           // TIME_WAIT sweep period, 0 = off
+  std::string netns_path;                // --netns as a path, if given
 };
 
 // Parses --netns (a path such as /run/netns/NAME, or an inode number).
@@ -80,20 +84,32 @@ class BpfTracer {
   // Records the ring buffer delivered with a size other than Event's.
   uint64_t malformed() const { return malformed_; }
 
+  // TW_START/CANCEL/EXPIRE records are produced (exact TIME_WAIT).
+  bool tw_timers_on() const { return tw_timers_on_; }
+  // The iter/tcp program loaded and attached (TIME_WAIT sweep, snapshot).
+  bool has_sock_iter() const { return iter_link_ != nullptr; }
+  // One pass of iter/tcp: timewait socks only, or every socket (all). The
+  // filters apply as for events. Reuses out's storage.
+  Result<size_t> read_sockets(bool all, std::vector<SockRecord>& out);
+
  private:
   BpfTracer() = default;
   static Result<std::unique_ptr<BpfTracer>> try_mode(AttachMode mode, const TraceConfig& cfg,
-                                                     KernelFeatures& features);
+                                                     KernelFeatures& features, bool with_iter);
   static int handle(void* ctx, void* data, size_t size);
 
   std::unique_ptr<tcpscope_bpf, SkelDeleter> skel_;
   std::vector<std::unique_ptr<bpf_link, LinkDeleter>> links_;
   std::unique_ptr<ring_buffer, RingDeleter> ring_;
+  std::unique_ptr<bpf_link, LinkDeleter> iter_link_;
+  std::vector<char> iter_buf_;
+  std::string netns_path_;  // iterators walk this namespace (else ours)
   AttachMode mode_ = AttachMode::TpBtf;
   std::vector<std::string> programs_;
   std::vector<std::string> fallbacks_;
   EventFn on_event_;
   uint64_t malformed_ = 0;
+  bool tw_timers_on_ = false;
   int ncpus_ = 1;
 };
 

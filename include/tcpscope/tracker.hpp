@@ -133,7 +133,7 @@ class Tracker {
   EndFn on_end_;
   std::unordered_map<uint64_t, Connection> conns_;
   std::deque<std::pair<uint64_t, uint64_t>> closing_;  // (closed_ns, id)
-  std::deque<uint64_t> started_;                       // ids, start order
+  std::deque<std::pair<uint64_t, uint64_t>> started_;  // (first_ns, id)
   uint64_t evicted_ = 0;
   uint64_t last_ns_ = 0;
 };

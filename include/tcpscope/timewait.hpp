@@ -1,0 +1,175 @@
+// TIME_WAIT reconstruction. The state tracepoint never shows TIME_WAIT: a
+// socket entering it shows FIN_WAIT2/CLOSING -> CLOSE while a timewait sock,
+// with the same cookie, takes its place in the hash. Entry is exact (that
+// CLOSE event, unhashed: see TCPSCOPE_SK_HASHED); the end is found by
+// periodic iter/tcp sweeps (TimeWaitSweep turns them into TW_SEEN/TW_GONE
+// records) and made exact where the kernel tells more: the tw timer for
+// expiry, the new connection's own event for a recycled or reused tuple.
+#pragma once
+
+#include <array>
+#include <deque>
+#include <cstdint>
+#include <functional>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "tcpscope/histogram.hpp"
+#include "tcpscope/pipeline.hpp"
+
+namespace tcpscope {
+
+// 4-tuple plus namespace, hashable.
+struct TupleKey {
+  uint32_t netns = 0;
+  uint8_t family = 0;
+  uint16_t lport = 0, rport = 0;
+  std::array<uint8_t, 16> laddr{}, raddr{};
+  bool operator==(const TupleKey&) const = default;
+  static TupleKey of(const Connection& c);
+  static TupleKey of(const Event& e);
+};
+struct TupleKeyHash {
+  size_t operator()(const TupleKey& k) const;
+};
+
+// Diffs successive iter/tcp passes over timewait socks into records.
+class TimeWaitSweep {
+ public:
+  using Emit = std::function<void(const Event&)>;
+  // tws: this pass's timewait records (state TIME_WAIT). initial: the first
+  // pass at start-up (what it finds predates the trace); report_new_initial:
+  // whether to report those (not when a pid/cgroup filter hides owners).
+  void apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
+             const std::vector<SockRecord>& tws, bool initial, bool report_new_initial,
+             const Emit& emit);
+  size_t known() const { return known_.size(); }
+
+ private:
+  struct Known {
+    Event tuple;  // conn, netns, family, ports, addresses
+    uint64_t last_seen_ns = 0;
+    uint64_t expires_ns = 0;
+    uint8_t substate = 0;
+    uint32_t pass = 0;
+  };
+  std::unordered_map<uint64_t, Known> known_;
+  uint32_t pass_ = 0;
+};
+
+// "time_wait": counts, end causes, durations, active closers, port pressure.
+class TimeWaitAnalyzer final : public Analyzer {
+ public:
+  explicit TimeWaitAnalyzer(int top_n) : top_n_(top_n) {}
+  void on_event(const Tracked& t, NoticeOut& out) override;
+  void on_end(const Connection& c, NoticeOut& out) override;
+  void finish(uint64_t end_ns, NoticeOut& out) override;
+  void write_json(JsonWriter& w, TimeFormatter& time) const override;
+  void write_text(fmt::memory_buffer& out, TimeFormatter& time,
+                  const TextStyle& style) const override;
+
+  enum class EndCause : uint8_t { Expired, Recycled, Reused, Reset, kCount };
+  static std::string_view cause_name(EndCause c);
+
+  // What became of the TIME_WAIT of a recently closed connection: what the
+  // reset analysis needs to explain a late segment answered with a RST.
+  enum class Fate : uint8_t { Open, Skipped, FinWait2Timeout, Expired, Killed };
+  struct FateInfo {
+    Fate fate = Fate::Open;
+    uint64_t ts_ns = 0;  // when that happened
+    uint64_t conn = 0;
+  };
+  // Null if the tuple had no TIME_WAIT decision recently (10 minutes).
+  const FateInfo* fate(const TupleKey& tuple) const;
+
+ private:
+  struct Tw {
+    uint64_t conn = 0;
+    uint64_t entered_ns = 0;  // 0: predates the trace
+    uint64_t expires_ns = 0;
+    uint64_t cancel_ns = 0;   // timer cancelled: killed unless re-armed
+    TupleKey tuple;
+    uint8_t substate = kTcpTimeWait;
+    bool client = false;  // we opened it: the local port is ephemeral
+    uint32_t pid = 0;     // owner of the connection
+    std::array<char, 16> comm{};
+  };
+  // A tw timer armed for a tuple whose CLOSE event is next.
+  struct Armed {
+    uint64_t ts_ns = 0, expires_ns = 0;
+    uint8_t substate = 0;
+  };
+  // A FIN_WAIT2/CLOSING -> CLOSE waiting for a sweep to tell whether a tw
+  // sock took its place (when tw timers are not traced).
+  struct PendingEntry {
+    uint64_t close_ns = 0;
+    uint64_t conn = 0;
+    TupleKey tuple;
+    bool client = false;
+    bool fin_received = false;
+    bool rst_sent = false;
+    uint32_t pid = 0;
+    std::array<char, 16> comm{};
+  };
+  struct EndpointStats {
+    uint64_t entered = 0, open = 0;
+    LogHistogram duration_us;
+  };
+  struct RemoteStats {
+    uint64_t open = 0, peak = 0;
+  };
+  struct CloserStats {
+    bool server = false;
+    uint64_t connections = 0, local_first = 0, peer_first = 0, simultaneous = 0;
+  };
+
+  void set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn);
+  void enter(const Tracked& t, NoticeOut& out);
+  void add_tw(const Tw& tw, const Connection* c, NoticeOut& out, bool preexisting);
+  void not_entered(const Connection* c, const TupleKey& tuple, uint64_t conn, uint64_t ts,
+                   bool fin_received, bool rst_sent, NoticeOut& out);
+  void expire_pending(uint64_t now_ns, NoticeOut& out);
+  void on_timer(const Event& e, NoticeOut& out);
+  Tw* find(const Event& e);
+  void end(uint64_t conn, uint64_t end_ns, EndCause cause, std::string_view method,
+           NoticeOut& out);
+  void on_tw_seen(const Event& e);
+  void on_tw_gone(const Event& e, NoticeOut& out);
+  void on_new_connection(const Tracked& t, NoticeOut& out);
+  TupleKey endpoint_key(const TupleKey& t, bool client) const;
+  bool is_ephemeral(uint16_t port) const {
+    return port_lo_ && port >= port_lo_ && port <= port_hi_;
+  }
+
+  int top_n_;
+  bool timers_ = false, sweeping_ = false;
+  std::unordered_map<uint64_t, Tw> open_;
+  std::unordered_map<TupleKey, Armed, TupleKeyHash> armed_;
+  std::deque<std::pair<uint64_t, TupleKey>> armed_order_;
+  std::deque<std::pair<uint64_t, uint64_t>> cancels_;  // (cancel_ns, conn)
+  std::unordered_map<uint64_t, PendingEntry> pending_;  // by conn
+  std::deque<uint64_t> pending_order_;
+  std::unordered_map<TupleKey, FateInfo, TupleKeyHash> fates_;
+  std::deque<std::pair<uint64_t, TupleKey>> fate_order_;
+  std::unordered_map<TupleKey, uint64_t, TupleKeyHash> by_tuple_;
+  // Per local endpoint (client sockets: local port 0 = "ephemeral").
+  std::unordered_map<TupleKey, EndpointStats, TupleKeyHash> endpoints_;
+  std::unordered_map<TupleKey, RemoteStats, TupleKeyHash> remotes_;
+  std::unordered_map<TupleKey, CloserStats, TupleKeyHash> closers_;
+  static constexpr size_t kMaxKeys = 4096;  // per table; the rest is "other"
+  uint64_t other_endpoints_ = 0;
+
+  LogHistogram duration_us_;
+  uint64_t entered_ = 0, skipped_ = 0, fin_wait2_timeouts_ = 0, preexisting_ = 0;
+  uint64_t peak_ = 0, open_at_end_ = 0;
+  std::array<uint64_t, static_cast<int>(EndCause::kCount)> ended_{};
+  uint64_t exact_ends_ = 0, sweep_ends_ = 0;
+  uint64_t first_ns_ = 0, end_ns_ = 0;
+  uint16_t port_lo_ = 0, port_hi_ = 0;
+  // Sweeps.
+  uint64_t sweeps_ = 0, sweep_ns_total_ = 0, sweep_ns_max_ = 0, sweep_max_socks_ = 0;
+  uint32_t sweep_interval_ms_ = 0;
+};
+
+}  // namespace tcpscope

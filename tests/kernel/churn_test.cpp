@@ -1,0 +1,128 @@
+// 1,000 connections (connect/accept/close) in a private namespace: exactly
+// 1,000 client and 1,000 server lifecycles, none lost.
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <set>
+
+#include "harness.hpp"
+
+namespace ktest {
+namespace {
+
+constexpr int kConnections = 1000;
+
+class ChurnTest : public KernelTest {};
+
+TEST_F(ChurnTest, ThousandConnectionsAllTracedNoneLost) {
+  // No connect-side TIME_WAIT reuse: every client gets its own port and
+  // every TIME_WAIT stays in place for ss to count.
+  NetNs ns({"net.ipv4.tcp_tw_reuse=0"});
+  Tracer tracer;
+  ASSERT_TRUE(tracer.start(ns)) << tracer.diagnostics();
+
+  uint16_t sport = 0;
+  std::set<uint16_t> client_ports;
+  {
+    ScopedNetns in(ns);
+    Fd lfd(listen_tcp(AF_INET, "127.0.0.1"));
+    ASSERT_TRUE(lfd.valid());
+    sport = local_port(lfd.get());
+    for (int i = 0; i < kConnections; ++i) {
+      Fd c(connect_tcp(AF_INET, "127.0.0.1", sport));
+      ASSERT_TRUE(c.valid()) << "connection " << i << ": " << std::strerror(errno);
+      Fd a(accept_tcp(lfd.get()));
+      ASSERT_TRUE(a.valid()) << "connection " << i << ": " << std::strerror(errno);
+      client_ports.insert(local_port(c.get()));
+      c.reset();
+      // The server has the client's FIN (CLOSE_WAIT) before it closes:
+      // no crossing FINs, so every lifecycle is the plain one.
+      char byte;
+      ASSERT_TRUE(wait_readable(a.get())) << "connection " << i;
+      ASSERT_EQ(::recv(a.get(), &byte, 1, 0), 0) << "connection " << i;
+      a.reset();
+    }
+    lfd.reset();
+  }
+  ASSERT_EQ(client_ports.size(), static_cast<size_t>(kConnections));
+  // Settled: nothing left but TIME_WAIT.
+  size_t tw = 0;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        auto all = ss_sockets(ns);
+        tw = 0;
+        for (const auto& s : all)
+          if (s.state == "TIME-WAIT") ++tw;
+        return tw == all.size();
+      },
+      20000ms, 20ms))
+      << ns.exec({"ss", "-tan"}).out.substr(0, 4000);
+  const auto counters = nstat(ns);
+
+  ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();
+  EXPECT_TRUE(tracer.bad_lines().empty()) << tracer.diagnostics();
+  EXPECT_TRUE(tracer.events("lost").empty()) << tracer.diagnostics();
+
+  // Lifecycles by conn id.
+  std::map<uint64_t, std::vector<std::string>> paths;
+  std::map<uint64_t, int> lport_of;
+  for (const auto& e : tracer.events("state")) {
+    const auto c = e.value("conn", uint64_t{0});
+    auto& p = paths[c];
+    if (p.empty()) p.push_back(e.value("old", ""));
+    p.push_back(e.value("new", ""));
+    lport_of[c] = e.value("lport", -1);  // the last one: after connect picked it
+  }
+  int clients = 0, servers = 0, listeners = 0, other = 0, entered_tw = 0, exact_client = 0,
+      exact_server = 0;
+  std::set<uint16_t> traced_client_ports;
+  for (const auto& [c, p] : paths) {
+    const bool closed = p.size() >= 2 && p.back() == "CLOSE";
+    if (p.size() >= 2 && p[0] == "CLOSE" && p[1] == "SYN_SENT" && closed) {
+      ++clients;
+      traced_client_ports.insert(static_cast<uint16_t>(lport_of[c]));
+      if (p == kActiveOpenActiveClose) ++exact_client;
+    } else if (p.size() >= 2 && p[0] == "LISTEN" && p[1] == "SYN_RECV" && closed) {
+      ++servers;
+      if (p == kPassiveOpenPassiveClose) ++exact_server;
+    } else if (p == kListenerPath) {
+      ++listeners;
+    } else {
+      ++other;
+      ADD_FAILURE() << "conn " << c << " has an incomplete lifecycle: "
+                    << ::testing::PrintToString(p);
+    }
+    if (closed && p.size() >= 3 &&
+        (p[p.size() - 2] == "FIN_WAIT2" || p[p.size() - 2] == "CLOSING"))
+      ++entered_tw;
+  }
+  EXPECT_EQ(clients, kConnections);
+  EXPECT_EQ(servers, kConnections);
+  EXPECT_EQ(listeners, 1);
+  EXPECT_EQ(other, 0);
+  EXPECT_EQ(traced_client_ports, client_ports);
+  // Client closes first, the server once it read EOF.
+  EXPECT_EQ(exact_client, kConnections);
+  EXPECT_EQ(exact_server, kConnections);
+  // Kernel: the TIME_WAITs it holds are those the trace saw entered.
+  EXPECT_EQ(static_cast<size_t>(entered_tw), tw);
+
+  const json r = tracer.report();
+  const auto by_open = counts(r, "by_open");
+  const auto by_close = counts(r, "by_close");
+  EXPECT_EQ(r.at("lost_events"), 0) << r.dump();
+  EXPECT_EQ(r.at("connections").at("total"), 2 * kConnections) << r.dump();
+  EXPECT_EQ(r.at("connections").at("listeners"), 1) << r.dump();
+  EXPECT_EQ(by_open.at("active"), static_cast<uint64_t>(kConnections)) << r.dump();
+  EXPECT_EQ(by_open.at("passive"), static_cast<uint64_t>(kConnections)) << r.dump();
+  EXPECT_EQ(by_open.at("unknown"), 0u) << r.dump();
+  EXPECT_EQ(by_close.at("active_close"), static_cast<uint64_t>(kConnections)) << r.dump();
+  EXPECT_EQ(by_close.at("passive_close"), static_cast<uint64_t>(kConnections)) << r.dump();
+  EXPECT_EQ(by_close.at("open"), 0u) << r.dump();
+  EXPECT_EQ(counters.at("TcpActiveOpens"), by_open.at("active"));
+  EXPECT_EQ(counters.at("TcpPassiveOpens"), by_open.at("passive"));
+}
+
+}  // namespace
+}  // namespace ktest

@@ -1,0 +1,739 @@
+#include "tcpscope/timewait.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "tcpscope/format.hpp"
+
+namespace tcpscope {
+
+// ---- TupleKey ----------------------------------------------------------------
+
+TupleKey TupleKey::of(const Connection& c) {
+  TupleKey k;
+  k.netns = c.netns;
+  k.family = c.family;
+  k.lport = c.lport;
+  k.rport = c.rport;
+  k.laddr = c.laddr;
+  k.raddr = c.raddr;
+  return k;
+}
+
+TupleKey TupleKey::of(const Event& e) {
+  TupleKey k;
+  k.netns = e.netns;
+  k.family = e.family;
+  k.lport = e.lport;
+  k.rport = e.rport;
+  std::memcpy(k.laddr.data(), e.laddr, 16);
+  std::memcpy(k.raddr.data(), e.raddr, 16);
+  return k;
+}
+
+size_t TupleKeyHash::operator()(const TupleKey& k) const {
+  // FNV-1a over the fields; cheap and good enough for tuples.
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](const void* p, size_t n) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  };
+  mix(&k.netns, sizeof(k.netns));
+  mix(&k.family, 1);
+  mix(&k.lport, 2);
+  mix(&k.rport, 2);
+  mix(k.laddr.data(), 16);
+  mix(k.raddr.data(), 16);
+  return static_cast<size_t>(h);
+}
+
+// ---- TimeWaitSweep ---------------------------------------------------------------
+
+void TimeWaitSweep::apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
+                          const std::vector<SockRecord>& tws, bool initial,
+                          bool report_new_initial, const Emit& emit) {
+  ++pass_;
+  uint64_t seen = 0;
+  for (const SockRecord& r : tws) {
+    if (r.state != kTcpTimeWait || r.conn == 0) continue;
+    ++seen;
+    auto [it, inserted] = known_.try_emplace(r.conn);
+    Known& k = it->second;
+    const bool changed = !inserted && k.substate != r.substate;
+    k.last_seen_ns = r.ts_ns;
+    k.expires_ns = r.expires_ns;
+    k.substate = r.substate;
+    k.pass = pass_;
+    if (inserted) {
+      Event& t = k.tuple;
+      t.conn = r.conn;
+      t.netns = r.netns;
+      t.family = r.family;
+      t.lport = r.lport;
+      t.rport = r.rport;
+      std::memcpy(t.laddr, r.laddr, 16);
+      std::memcpy(t.raddr, r.raddr, 16);
+    }
+    if ((inserted && (!initial || report_new_initial)) || changed) {
+      Event e = k.tuple;
+      e.type = TCPSCOPE_EV_TW_SEEN;
+      e.ts_ns = r.ts_ns;
+      e.old_state = kTcpTimeWait;
+      e.new_state = r.substate;
+      e.aux = r.expires_ns;
+      e.sk_flags = TCPSCOPE_SK_TIMEWAIT | (initial ? TCPSCOPE_SK_SNAPSHOT : 0);
+      emit(e);
+    }
+  }
+  for (auto it = known_.begin(); it != known_.end();) {
+    if (it->second.pass == pass_) {
+      ++it;
+      continue;
+    }
+    const Known& k = it->second;
+    Event e = k.tuple;
+    e.type = TCPSCOPE_EV_TW_GONE;
+    e.ts_ns = start_ns;
+    const uint64_t gap_us = start_ns > k.last_seen_ns ? (start_ns - k.last_seen_ns) / 1000 : 0;
+    e.seg_len = static_cast<uint32_t>(std::min<uint64_t>(gap_us, UINT32_MAX));
+    e.aux = k.expires_ns;
+    e.old_state = kTcpTimeWait;
+    e.new_state = k.substate;
+    e.sk_flags = TCPSCOPE_SK_TIMEWAIT;
+    emit(e);
+    it = known_.erase(it);
+  }
+  Event s{};
+  s.type = TCPSCOPE_EV_SWEEP;
+  s.ts_ns = start_ns;
+  s.conn = seen;
+  s.aux = end_ns - start_ns;
+  s.seg_len = interval_ms;
+  emit(s);
+}
+
+// ---- TimeWaitAnalyzer ------------------------------------------------------------
+
+std::string_view TimeWaitAnalyzer::cause_name(EndCause c) {
+  switch (c) {
+    case EndCause::Expired: return "expired";
+    case EndCause::Recycled: return "recycled";
+    case EndCause::Reused: return "reused";
+    case EndCause::Reset: return "reset";
+    default: return "?";
+  }
+}
+
+namespace {
+constexpr uint64_t kTimeWaitLenNs = 60'000'000'000ull;  // TCP_TIMEWAIT_LEN
+// Timer wheel granularity makes tw timers fire late, never early; allow for
+// clock skew between the iterator's reads and the timer field.
+constexpr uint64_t kEarlySlackNs = 50'000'000ull;
+
+template <typename Map>
+typename Map::mapped_type* capped(Map& m, const typename Map::key_type& k, size_t cap,
+                                  uint64_t& overflow) {
+  auto it = m.find(k);
+  if (it != m.end()) return &it->second;
+  if (m.size() >= cap) {
+    ++overflow;
+    return nullptr;
+  }
+  return &m[k];
+}
+}  // namespace
+
+TupleKey TimeWaitAnalyzer::endpoint_key(const TupleKey& t, bool client) const {
+  TupleKey k;
+  k.family = t.family;
+  k.laddr = t.laddr;
+  k.lport = client ? 0 : t.lport;
+  return k;
+}
+
+void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
+  const Event& e = *t.ev;
+  if (first_ns_ == 0 && e.type != TCPSCOPE_EV_CONFIG) first_ns_ = e.ts_ns;
+  expire_pending(e.ts_ns, out);
+  switch (e.type) {
+    case TCPSCOPE_EV_CONFIG:
+      port_lo_ = static_cast<uint16_t>(e.reason);
+      port_hi_ = static_cast<uint16_t>(e.seg_len);
+      timers_ = e.aux & TCPSCOPE_CONFIG_TW_TIMERS;
+      sweeping_ = e.aux & TCPSCOPE_CONFIG_TW_SWEEP;
+      return;
+    case TCPSCOPE_EV_SWEEP:
+      ++sweeps_;
+      sweep_ns_total_ += e.aux;
+      sweep_ns_max_ = std::max<uint64_t>(sweep_ns_max_, e.aux);
+      sweep_max_socks_ = std::max<uint64_t>(sweep_max_socks_, e.conn);
+      sweep_interval_ms_ = e.seg_len;
+      // A close that this sweep (started after it) did not find as a tw
+      // sock never became one.
+      while (!pending_order_.empty()) {
+        auto it = pending_.find(pending_order_.front());
+        if (it != pending_.end() && it->second.close_ns >= e.ts_ns) break;
+        pending_order_.pop_front();
+        if (it == pending_.end()) continue;
+        const PendingEntry p = it->second;
+        pending_.erase(it);
+        not_entered(nullptr, p.tuple, p.conn, p.close_ns, p.fin_received, p.rst_sent, out);
+      }
+      return;
+    case TCPSCOPE_EV_TW_SEEN:
+      on_tw_seen(e);
+      if (auto it = pending_.find(e.conn); it != pending_.end()) {
+        const PendingEntry p = it->second;
+        pending_.erase(it);
+        Tw tw;
+        tw.conn = p.conn;
+        tw.entered_ns = p.close_ns;
+        tw.tuple = p.tuple;
+        tw.client = p.client;
+        tw.substate = e.new_state;
+        tw.expires_ns = e.aux;
+        tw.pid = p.pid;
+        tw.comm = p.comm;
+        add_tw(tw, nullptr, out, false);
+      }
+      return;
+    case TCPSCOPE_EV_TW_GONE:
+      on_tw_gone(e, out);
+      return;
+    case TCPSCOPE_EV_TW_START:
+    case TCPSCOPE_EV_TW_CANCEL:
+    case TCPSCOPE_EV_TW_EXPIRE:
+      on_timer(e, out);
+      return;
+    case TCPSCOPE_EV_STATE:
+      break;
+    default:
+      return;
+  }
+  if (!t.conn) return;
+  if (e.new_state == kTcpClose &&
+      (e.old_state == kTcpFinWait2 || e.old_state == kTcpClosing)) {
+    enter(t, out);
+  } else if ((e.new_state == kTcpSynRecv && t.conn->open_kind == OpenKind::Passive) ||
+             (e.old_state == kTcpSynSent && e.new_state == kTcpEstablished)) {
+    on_new_connection(t, out);
+  }
+}
+
+TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::find(const Event& e) {
+  if (e.conn) {
+    auto it = open_.find(e.conn);
+    if (it != open_.end()) return &it->second;
+  }
+  auto bt = by_tuple_.find(TupleKey::of(e));
+  if (bt == by_tuple_.end()) return nullptr;
+  auto it = open_.find(bt->second);
+  return it == open_.end() ? nullptr : &it->second;
+}
+
+void TimeWaitAnalyzer::on_timer(const Event& e, NoticeOut& out) {
+  Tw* tw = find(e);
+  switch (e.type) {
+    case TCPSCOPE_EV_TW_START:
+      if (tw) {
+        // Re-armed: a retransmitted FIN restarted TIME_WAIT.
+        tw->cancel_ns = 0;
+        tw->expires_ns = e.aux;
+        tw->substate = e.new_state;
+      } else {
+        // A new tw sock: its connection's CLOSE event comes next.
+        const TupleKey k = TupleKey::of(e);
+        armed_[k] = Armed{e.ts_ns, e.aux, e.new_state};
+        armed_order_.emplace_back(e.ts_ns, k);
+      }
+      return;
+    case TCPSCOPE_EV_TW_CANCEL:
+      // Killed, unless a TW_START re-arms it at once (mod_timer cancels
+      // a pending timer before re-adding it).
+      if (tw && !tw->cancel_ns) {
+        tw->cancel_ns = e.ts_ns;
+        cancels_.emplace_back(e.ts_ns, tw->conn);
+      }
+      return;
+    case TCPSCOPE_EV_TW_EXPIRE:
+      if (tw) end(tw->conn, e.ts_ns, EndCause::Expired, "timer", out);
+      return;
+    default:
+      return;
+  }
+}
+
+void TimeWaitAnalyzer::expire_pending(uint64_t now_ns, NoticeOut& out) {
+  constexpr uint64_t kArmedTtlNs = 1'000'000'000;
+  while (!armed_order_.empty() && armed_order_.front().first + kArmedTtlNs < now_ns) {
+    auto it = armed_.find(armed_order_.front().second);
+    if (it != armed_.end() && it->second.ts_ns == armed_order_.front().first) armed_.erase(it);
+    armed_order_.pop_front();
+  }
+  // A cancelled tw sock not re-armed is dead; if no new connection took its
+  // tuple within a second (recycled/reused), an RST killed it (RFC 1337).
+  constexpr uint64_t kCauseWindowNs = 1'000'000'000;
+  while (!cancels_.empty() && cancels_.front().first + kCauseWindowNs < now_ns) {
+    const auto [cancel_ns, conn] = cancels_.front();
+    cancels_.pop_front();
+    auto it = open_.find(conn);
+    if (it == open_.end() || it->second.cancel_ns != cancel_ns) continue;
+    end(conn, cancel_ns, EndCause::Reset, "timer", out);
+  }
+}
+
+const TimeWaitAnalyzer::FateInfo* TimeWaitAnalyzer::fate(const TupleKey& tuple) const {
+  auto it = fates_.find(tuple);
+  return it == fates_.end() ? nullptr : &it->second;
+}
+
+void TimeWaitAnalyzer::set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn) {
+  constexpr uint64_t kMaxAgeNs = 600'000'000'000ull;
+  constexpr size_t kMaxFates = 65536;
+  while (!fate_order_.empty() &&
+         (fate_order_.size() >= kMaxFates || fate_order_.front().first + kMaxAgeNs < ts)) {
+    auto it = fates_.find(fate_order_.front().second);
+    if (it != fates_.end() && it->second.ts_ns == fate_order_.front().first) fates_.erase(it);
+    fate_order_.pop_front();
+  }
+  fates_[tuple] = FateInfo{fate, ts, conn};
+  fate_order_.emplace_back(ts, tuple);
+}
+
+void TimeWaitAnalyzer::not_entered(const Connection* c, const TupleKey& tuple, uint64_t conn,
+                                   uint64_t ts, bool fin_received, bool rst_sent,
+                                   NoticeOut& out) {
+  if (!fin_received && rst_sent) {
+    set_fate(tuple, Fate::FinWait2Timeout, ts, conn);
+    ++fin_wait2_timeouts_;  // tcp_keepalive_timer: RST, then done
+    Notice n{"fin_wait2_timeout", ts, c};
+    out.notice(n);
+    return;
+  }
+  set_fate(tuple, Fate::Skipped, ts, conn);
+  ++skipped_;  // tcp_time_wait() got no tw sock: tcp_max_tw_buckets reached
+  Notice n{"time_wait_skipped", ts, c};
+  n.add("reason", "overflow");
+  out.notice(n);
+}
+
+void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
+  const Event& e = *t.ev;
+  const Connection& c = *t.conn;
+  // A RST received in FIN_WAIT2/CLOSING ends the socket without TIME_WAIT.
+  if (c.resets_received > 0 && c.last_reset_received_ns + 1'000'000 >= e.ts_ns) return;
+  const bool fin_received =
+      (e.sk_flags & TCPSCOPE_SK_RCV_SHUTDOWN) || e.old_state == kTcpClosing;
+  const bool rst_sent = c.resets_sent > 0 && c.last_reset_sent_ns + 1'000'000 >= e.ts_ns;
+  Tw tw;
+  tw.conn = c.id;
+  tw.entered_ns = e.ts_ns;
+  tw.tuple = TupleKey::of(c);
+  tw.substate = fin_received ? kTcpTimeWait : kTcpFinWait2;
+  tw.client = c.open_kind == OpenKind::Active ||
+              (c.open_kind == OpenKind::Unknown && is_ephemeral(c.lport));
+  tw.pid = c.pid;
+  tw.comm = c.comm;
+  if (timers_) {
+    // tcp_time_wait() arms the tw timer before tcp_done() reports CLOSE.
+    auto it = armed_.find(tw.tuple);
+    if (it == armed_.end()) {
+      not_entered(&c, tw.tuple, c.id, e.ts_ns, fin_received, rst_sent, out);
+      return;
+    }
+    tw.substate = it->second.substate;
+    tw.expires_ns = it->second.expires_ns;
+    armed_.erase(it);
+    add_tw(tw, &c, out, false);
+    return;
+  }
+  if (sweeping_) {
+    // Decided by the next sweep: found as a tw sock, or not.
+    PendingEntry p{e.ts_ns, c.id, tw.tuple, tw.client, fin_received, rst_sent, c.pid, c.comm};
+    pending_[c.id] = p;
+    pending_order_.push_back(c.id);
+    return;
+  }
+  add_tw(tw, &c, out, false);  // nothing can tell: assume the usual case
+}
+
+void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
+                              bool preexisting) {
+  auto existing = open_.find(tw.conn);
+  if (existing != open_.end()) {
+    // Seen by a sweep before its CLOSE event was read: now we know when.
+    if (!existing->second.entered_ns && tw.entered_ns && preexisting_ > 0) --preexisting_;
+    existing->second.entered_ns = tw.entered_ns;
+    if (!preexisting) ++entered_;
+    return;
+  }
+  open_[tw.conn] = tw;
+  by_tuple_[tw.tuple] = tw.conn;
+  set_fate(tw.tuple, Fate::Open, tw.entered_ns, tw.conn);
+  auto* ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);
+  if (ep) ++ep->open;
+  if (tw.client) {
+    TupleKey rk;
+    rk.netns = tw.tuple.netns;
+    rk.family = tw.tuple.family;
+    rk.raddr = tw.tuple.raddr;
+    rk.rport = tw.tuple.rport;
+    if (auto* r = capped(remotes_, rk, kMaxKeys, other_endpoints_)) {
+      ++r->open;
+      r->peak = std::max(r->peak, r->open);
+    }
+  }
+  peak_ = std::max<uint64_t>(peak_, open_.size());
+  if (preexisting) {
+    ++preexisting_;
+    return;
+  }
+  ++entered_;
+  if (ep) ++ep->entered;
+  Notice n{"time_wait_enter", tw.entered_ns, c};
+  Connection shown;
+  if (!c) {
+    shown.id = tw.conn;
+    shown.netns = tw.tuple.netns;
+    shown.family = tw.tuple.family;
+    shown.lport = tw.tuple.lport;
+    shown.rport = tw.tuple.rport;
+    shown.laddr = tw.tuple.laddr;
+    shown.raddr = tw.tuple.raddr;
+    shown.pid = tw.pid;
+    shown.comm = tw.comm;
+    n.conn = &shown;
+  }
+  n.add("substate", state_name(tw.substate));
+  out.notice(n);
+}
+
+void TimeWaitAnalyzer::on_tw_seen(const Event& e) {
+  if (Tw* tw = find(e)) {
+    tw->substate = e.new_state;
+    if (e.aux) tw->expires_ns = e.aux;
+    return;
+  }
+  if (!(e.sk_flags & TCPSCOPE_SK_SNAPSHOT)) return;  // not ours (filtered out)
+  Tw tw;
+  tw.conn = e.conn;
+  tw.tuple = TupleKey::of(e);
+  tw.substate = e.new_state;
+  tw.expires_ns = e.aux;
+  tw.client = is_ephemeral(e.lport);
+  // Predates the trace: counted, not announced.
+  struct Quiet : NoticeOut {
+    void notice(const Notice&) override {}
+  } quiet;
+  add_tw(tw, nullptr, quiet, true);
+}
+
+void TimeWaitAnalyzer::on_tw_gone(const Event& e, NoticeOut& out) {
+  Tw* tw = find(e);
+  if (!tw || tw->cancel_ns) return;  // a cancelled one is being decided
+  const uint64_t gone = e.ts_ns;
+  const uint64_t gap = static_cast<uint64_t>(e.seg_len) * 1000;
+  uint64_t lo = gone > gap ? gone - gap : 0;  // last sighting
+  const uint64_t expires = e.aux ? e.aux : tw->expires_ns;
+  EndCause cause;
+  if (expires) {
+    // Timers fire at or after expiry (wheel granularity), never before.
+    cause = gone + kEarlySlackNs >= expires ? EndCause::Expired : EndCause::Reset;
+    if (cause == EndCause::Expired && expires > lo && expires < gone) lo = expires;
+  } else {
+    cause = tw->entered_ns && gone >= tw->entered_ns + kTimeWaitLenNs ? EndCause::Expired
+                                                                     : EndCause::Reset;
+  }
+  end(tw->conn, lo + (gone - lo) / 2, cause, "sweep", out);
+}
+
+void TimeWaitAnalyzer::on_new_connection(const Tracked& t, NoticeOut& out) {
+  if (by_tuple_.empty()) return;
+  auto it = by_tuple_.find(TupleKey::of(*t.conn));
+  if (it == by_tuple_.end() || it->second == t.conn->id) return;
+  auto tw = open_.find(it->second);
+  if (tw == open_.end()) return;
+  const bool passive = t.conn->open_kind == OpenKind::Passive;
+  // Passive: a SYN on the tuple of our tw sock (tcp_timewait_state_process
+  // returned TCP_TW_SYN) and the listener took over the tuple. Active:
+  // connect() reused the tuple (tcp_tw_reuse) before it sent its SYN.
+  const EndCause cause = passive ? EndCause::Recycled : EndCause::Reused;
+  if (tw->second.cancel_ns) {
+    end(tw->first, tw->second.cancel_ns, cause, "timer", out);
+  } else {
+    end(tw->first, passive ? t.ev->ts_ns : t.conn->first_ns, cause, "event", out);
+  }
+}
+
+void TimeWaitAnalyzer::end(uint64_t conn, uint64_t end_ns, EndCause cause,
+                           std::string_view method, NoticeOut& out) {
+  auto it = open_.find(conn);
+  if (it == open_.end()) return;
+  const Tw tw = it->second;
+  open_.erase(it);
+  auto bt = by_tuple_.find(tw.tuple);
+  if (bt != by_tuple_.end() && bt->second == conn) by_tuple_.erase(bt);
+
+  ++ended_[static_cast<int>(cause)];
+  set_fate(tw.tuple, cause == EndCause::Expired ? Fate::Expired : Fate::Killed, end_ns, conn);
+  if (method == "sweep") ++sweep_ends_;
+  else ++exact_ends_;
+  auto* ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);
+  if (ep && ep->open) --ep->open;
+  if (tw.client) {
+    TupleKey rk;
+    rk.netns = tw.tuple.netns;
+    rk.family = tw.tuple.family;
+    rk.raddr = tw.tuple.raddr;
+    rk.rport = tw.tuple.rport;
+    auto r = remotes_.find(rk);
+    if (r != remotes_.end() && r->second.open) --r->second.open;
+  }
+  Notice n{"time_wait_end", end_ns, nullptr};
+  // The connection itself is gone from the tracker: describe it here.
+  Connection c;
+  c.id = conn;
+  c.netns = tw.tuple.netns;
+  c.family = tw.tuple.family;
+  c.lport = tw.tuple.lport;
+  c.rport = tw.tuple.rport;
+  c.laddr = tw.tuple.laddr;
+  c.raddr = tw.tuple.raddr;
+  c.pid = tw.pid;
+  c.comm = tw.comm;
+  n.conn = &c;
+  n.add("cause", cause_name(cause));
+  n.add("substate", state_name(tw.substate));
+  n.add("method", method);
+  if (tw.entered_ns && end_ns >= tw.entered_ns) {
+    const uint64_t us = (end_ns - tw.entered_ns) / 1000;
+    duration_us_.add(us);
+    if (ep) ep->duration_us.add(us);
+    n.add("duration_ms", static_cast<int64_t>(us / 1000));
+  }
+  out.notice(n);
+}
+
+void TimeWaitAnalyzer::on_end(const Connection& c, NoticeOut&) {
+  if (c.open_kind == OpenKind::Listen) return;
+  if (c.close_kind != CloseKind::ActiveClose && c.close_kind != CloseKind::PassiveClose &&
+      c.close_kind != CloseKind::Simultaneous)
+    return;
+  const bool server = c.open_kind == OpenKind::Passive ||
+                      (c.open_kind == OpenKind::Unknown && !is_ephemeral(c.lport));
+  TupleKey k;
+  k.family = c.family;
+  if (server) {
+    k.laddr = c.laddr;
+    k.lport = c.lport;
+  } else {
+    k.raddr = c.raddr;
+    k.rport = c.rport;
+  }
+  auto* s = capped(closers_, k, kMaxKeys, other_endpoints_);
+  if (!s) return;
+  s->server = server;
+  ++s->connections;
+  if (c.close_kind == CloseKind::ActiveClose) ++s->local_first;
+  else if (c.close_kind == CloseKind::PassiveClose) ++s->peer_first;
+  else ++s->simultaneous;
+}
+
+void TimeWaitAnalyzer::finish(uint64_t end_ns, NoticeOut& out) {
+  // Cancelled timers still being decided: no new connection came.
+  while (!cancels_.empty()) {
+    const auto [cancel_ns, conn] = cancels_.front();
+    cancels_.pop_front();
+    auto it = open_.find(conn);
+    if (it != open_.end() && it->second.cancel_ns == cancel_ns)
+      end(conn, cancel_ns, EndCause::Reset, "timer", out);
+  }
+  end_ns_ = end_ns;
+  open_at_end_ = open_.size();
+}
+
+namespace {
+
+void write_duration(JsonWriter& w, const LogHistogram& h) {
+  w.begin_object();
+  w.member("count", h.count());
+  w.member("p50", h.quantile(0.50) / 1000);
+  w.member("p90", h.quantile(0.90) / 1000);
+  w.member("p99", h.quantile(0.99) / 1000);
+  w.member("max", h.max() / 1000);
+  w.end_object();
+}
+
+std::string_view port_or_star(uint16_t port, std::array<char, 8>& buf) {
+  if (port == 0) return "*";
+  auto r = fmt::format_to_n(buf.data(), buf.size(), "{}", port);
+  return {buf.data(), r.size};
+}
+
+template <typename Map, typename Less>
+std::vector<typename Map::const_iterator> sorted_top(const Map& m, size_t n, Less less) {
+  std::vector<typename Map::const_iterator> v;
+  v.reserve(m.size());
+  for (auto it = m.begin(); it != m.end(); ++it) v.push_back(it);
+  std::sort(v.begin(), v.end(), less);
+  if (v.size() > n) v.resize(n);
+  return v;
+}
+
+// Deterministic order for ties: by family, address, port.
+bool key_less(const TupleKey& a, const TupleKey& b) {
+  if (a.family != b.family) return a.family < b.family;
+  if (a.laddr != b.laddr) return a.laddr < b.laddr;
+  if (a.lport != b.lport) return a.lport < b.lport;
+  if (a.raddr != b.raddr) return a.raddr < b.raddr;
+  if (a.rport != b.rport) return a.rport < b.rport;
+  return a.netns < b.netns;
+}
+
+}  // namespace
+
+void TimeWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
+  w.key("time_wait");
+  w.begin_object();
+  w.member("entered", entered_);
+  w.key("ended");
+  w.begin_object();
+  for (int i = 0; i < static_cast<int>(EndCause::kCount); ++i)
+    w.member(cause_name(static_cast<EndCause>(i)), ended_[i]);
+  w.end_object();
+  w.member("skipped", skipped_);
+  w.member("fin_wait2_timeouts", fin_wait2_timeouts_);
+  w.member("open", open_at_end_);
+  w.member("preexisting", preexisting_);
+  w.member("peak", peak_);
+  const double span_s = end_ns_ > first_ns_ ? static_cast<double>(end_ns_ - first_ns_) / 1e9 : 0;
+  w.member("rate_per_s", span_s > 0 ? static_cast<double>(entered_) / span_s : 0.0);
+  w.key("duration_ms");
+  write_duration(w, duration_us_);
+
+  w.key("end_method");
+  w.begin_object();
+  // timer: exact (tw timer tracepoints); sweep: iter/tcp passes bound the
+  // error of ends to half an interval; none: ends are not observed.
+  w.member("method", timers_ ? "timer" : sweeps_ ? "sweep" : "none");
+  w.member("entry", timers_ ? "timer" : sweeping_ ? "sweep" : "assumed");
+  w.member("sweep_interval_ms", static_cast<uint64_t>(sweep_interval_ms_));
+  w.member("max_error_ms", static_cast<uint64_t>(sweep_interval_ms_ / 2));
+  w.member("sweeps", sweeps_);
+  w.member("sweep_avg_us", sweeps_ ? sweep_ns_total_ / sweeps_ / 1000 : 0);
+  w.member("sweep_max_us", sweep_ns_max_ / 1000);
+  w.member("sweep_max_sockets", sweep_max_socks_);
+  w.member("exact_ends", exact_ends_);
+  w.member("sweep_ends", sweep_ends_);
+  w.end_object();
+
+  std::array<char, 8> pbuf{};
+  w.key("by_local_endpoint");
+  w.begin_array();
+  for (auto it : sorted_top(endpoints_, static_cast<size_t>(top_n_), [](auto a, auto b) {
+         if (a->second.entered != b->second.entered) return a->second.entered > b->second.entered;
+         return key_less(a->first, b->first);
+       })) {
+    const TupleKey& k = it->first;
+    w.begin_object();
+    w.member("laddr", format_addr(k.family, k.laddr.data()).view());
+    w.member("lport", port_or_star(k.lport, pbuf));
+    w.member("entered", it->second.entered);
+    w.member("open", it->second.open);
+    w.key("duration_ms");
+    write_duration(w, it->second.duration_us);
+    w.end_object();
+  }
+  w.end_array();
+
+  w.key("active_closer");
+  w.begin_array();
+  for (auto it : sorted_top(closers_, static_cast<size_t>(top_n_), [](auto a, auto b) {
+         if (a->second.connections != b->second.connections)
+           return a->second.connections > b->second.connections;
+         return key_less(a->first, b->first);
+       })) {
+    const TupleKey& k = it->first;
+    const CloserStats& s = it->second;
+    w.begin_object();
+    w.member("role", s.server ? "server" : "client");
+    w.member("addr", format_addr(k.family, s.server ? k.laddr.data() : k.raddr.data()).view());
+    w.member("port", static_cast<unsigned>(s.server ? k.lport : k.rport));
+    w.member("connections", s.connections);
+    w.member("local_first", s.local_first);
+    w.member("peer_first", s.peer_first);
+    w.member("simultaneous", s.simultaneous);
+    w.end_object();
+  }
+  w.end_array();
+
+  const uint64_t range = port_lo_ ? static_cast<uint64_t>(port_hi_ - port_lo_ + 1) : 0;
+  w.key("port_exhaustion");
+  w.begin_object();
+  w.member("port_range", range);
+  w.key("remotes");
+  w.begin_array();
+  for (auto it : sorted_top(remotes_, static_cast<size_t>(top_n_), [](auto a, auto b) {
+         if (a->second.peak != b->second.peak) return a->second.peak > b->second.peak;
+         return key_less(a->first, b->first);
+       })) {
+    const TupleKey& k = it->first;
+    w.begin_object();
+    w.member("raddr", format_addr(k.family, k.raddr.data()).view());
+    w.member("rport", static_cast<unsigned>(k.rport));
+    w.member("peak", it->second.peak);
+    w.member("open", it->second.open);
+    w.member("peak_ratio", range ? static_cast<double>(it->second.peak) / static_cast<double>(range) : 0.0);
+    w.end_object();
+  }
+  w.end_array();
+  w.end_object();
+  w.member("untracked_endpoints", other_endpoints_);
+  w.end_object();
+}
+
+void TimeWaitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
+                                  const TextStyle& style) const {
+  auto o = std::back_inserter(out);
+  fmt::format_to(o, "\nTIME_WAIT: {} entered, {} still open, peak {}, {} skipped (tw buckets "
+                 "full), {} FIN_WAIT2 timeouts\n",
+                 entered_, open_at_end_, peak_, skipped_, fin_wait2_timeouts_);
+  fmt::format_to(o, "  ended:");
+  for (int i = 0; i < static_cast<int>(EndCause::kCount); ++i)
+    fmt::format_to(o, " {} {}", cause_name(static_cast<EndCause>(i)), ended_[i]);
+  if (timers_)
+    fmt::format_to(o, "; exact times from the tw timers\n");
+  else
+    fmt::format_to(o, "; end times by {} (every {} ms, error <= {} ms)\n",
+                   sweeps_ ? "sweep" : "none", sweep_interval_ms_, sweep_interval_ms_ / 2);
+  if (duration_us_.count())
+    fmt::format_to(o, "  duration ms: p50 {} p90 {} p99 {} max {} ({} measured)\n",
+                   duration_us_.quantile(0.5) / 1000, duration_us_.quantile(0.9) / 1000,
+                   duration_us_.quantile(0.99) / 1000, duration_us_.max() / 1000,
+                   duration_us_.count());
+  std::array<char, 8> pbuf{};
+  for (auto it : sorted_top(endpoints_, static_cast<size_t>(style.top), [](auto a, auto b) {
+         if (a->second.entered != b->second.entered) return a->second.entered > b->second.entered;
+         return key_less(a->first, b->first);
+       }))
+    fmt::format_to(o, "  local {}:{}  entered {} open {} p50 {} ms\n",
+                   format_addr(it->first.family, it->first.laddr.data()).view(),
+                   port_or_star(it->first.lport, pbuf), it->second.entered, it->second.open,
+                   it->second.duration_us.quantile(0.5) / 1000);
+  for (auto it : sorted_top(closers_, static_cast<size_t>(style.top), [](auto a, auto b) {
+         if (a->second.connections != b->second.connections)
+           return a->second.connections > b->second.connections;
+         return key_less(a->first, b->first);
+       })) {
+    const CloserStats& s = it->second;
+    const TupleKey& k = it->first;
+    fmt::format_to(o, "  {} {}:{}  {} connections: closed first by us {}, by peer {}, "
+                   "simultaneous {}\n",
+                   s.server ? "server" : "client of",
+                   format_addr(k.family, s.server ? k.laddr.data() : k.raddr.data()).view(),
+                   s.server ? k.lport : k.rport, s.connections, s.local_first, s.peer_first,
+                   s.simultaneous);
+  }
+}
+
+}  // namespace tcpscope
