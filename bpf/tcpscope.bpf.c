@@ -82,6 +82,16 @@ struct {
 	__uint(max_entries, 8 << 20);
 } events SEC(".maps");
 
+/* Under --pid/--cgroup the tw timers cannot be matched by owner (a tw sock
+ * has none): the cookies of matching connections that may enter TIME_WAIT
+ * are kept here for them. Unused without those filters. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u8);
+} tw_allowed SEC(".maps");
+
 /* enum tcpscope_drop_kind -> count, per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -424,6 +434,13 @@ static __always_inline int set_state__handle(const struct sock *sk,
 	e.type = TCPSCOPE_EV_STATE;
 	e.old_state = oldstate;
 	e.new_state = newstate;
+	if ((cfg_pid || cfg_cgroup) && e.conn &&
+	    (newstate == TCP_FIN_WAIT2 || newstate == TCP_CLOSING)) {
+		__u8 one = 1;
+
+		if (bpf_map_update_elem(&tw_allowed, &e.conn, &one, BPF_ANY))
+			drops__inc(TCPSCOPE_DROP_SOCKMAP);
+	}
 	if (cfg_cgroup)
 		e.cgroup = sock__cgroup_id(sk);
 	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN)
@@ -809,6 +826,12 @@ static __always_inline int tw_timer__handle(const struct timer_list *timer,
 		return 0;
 	e.type = type;
 	e.conn = BPF_CORE_READ(tw, __tw_common.skc_cookie.counter);
+	if (cfg_pid || cfg_cgroup) {
+		if (!bpf_map_lookup_elem(&tw_allowed, &e.conn))
+			return 0;
+		if (type == TCPSCOPE_EV_TW_EXPIRE)
+			bpf_map_delete_elem(&tw_allowed, &e.conn);
+	}
 	e.old_state = TCP_TIME_WAIT;
 	e.new_state = BPF_CORE_READ(tw, tw_substate);
 	e.sk = (__u64)tw;
@@ -943,6 +966,17 @@ int sock_iter(struct bpf_iter__tcp *ctx)
 			sock__read_queues((const struct sock *)tp, &q);
 			r.rx_queue = q.rx_queue;
 			r.tx_queue = q.tx_queue;
+			/* Bounds the age of a CLOSE_WAIT found at start-up:
+			 * the peer's FIN came with an ACK at or before it. */
+			if (CONFIG_HZ) {
+				__u32 ago = (__u32)bpf_jiffies64() -
+					    BPF_CORE_READ(tp, rcv_tstamp);
+				__u64 ago_ns = (__u64)ago *
+					       (1000000000ULL / CONFIG_HZ);
+
+				r.last_ack_ns = ago_ns < r.ts_ns ?
+						r.ts_ns - ago_ns : 1;
+			}
 		}
 		r.ino = BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.sk_socket,
 				      file, f_inode, i_ino);

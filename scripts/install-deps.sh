@@ -9,6 +9,7 @@ packages=(
 	libcli11-dev libspdlog-dev libfmt-dev libzstd-dev
 	libgtest-dev nlohmann-json3-dev libbenchmark-dev
 	iproute2 nftables procps
+	redis-server
 )
 
 missing=()

@@ -1,6 +1,7 @@
 #include "tcpscope/capture.hpp"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -11,12 +12,11 @@
 #include <cerrno>
 #include <random>
 
-#include <fmt/format.h>
-
 namespace tcpscope::capture {
 
 // The format is little-endian; records are stored as the host lays them out.
-static_assert(std::endian::native == std::endian::little, "capture format needs a little-endian host");
+static_assert(std::endian::native == std::endian::little,
+              "capture format needs a little-endian host");
 
 namespace {
 
@@ -176,8 +176,7 @@ void CaptureWriter::ZstdCtxDeleter::operator()(void* p) const {
 }
 
 Result<std::unique_ptr<CaptureWriter>> CaptureWriter::create(const std::string& path,
-                                                             CaptureInfo info,
-                                                             WriterOptions opt) {
+                                                             CaptureInfo info, WriterOptions opt) {
   std::unique_ptr<CaptureWriter> w(new CaptureWriter());
   info.format_version = kFormatVersion;
   info.event_size = sizeof(Event);
@@ -266,9 +265,8 @@ void CaptureWriter::fail(const std::string& what, int err) {
                                std::strerror(err), records_total_)};
 }
 
-int CaptureWriter::write_block(BlockKind kind, Codec codec, uint16_t flags,
-                               const uint8_t* payload, uint32_t stored_len, uint32_t raw_len,
-                               uint32_t count) {
+int CaptureWriter::write_block(BlockKind kind, Codec codec, uint16_t flags, const uint8_t* payload,
+                               uint32_t stored_len, uint32_t raw_len, uint32_t count) {
   if (fd_ < 0) return EBADF;
   uint8_t h[kBlockHeaderSize];
   const uint32_t magic = kBlockMagic;
@@ -400,20 +398,24 @@ CaptureReader::~CaptureReader() = default;
 
 std::string ReadStatus::message() const {
   switch (kind) {
-    case Kind::Clean: return {};
+    case Kind::Clean:
+      return {};
     case Kind::NoEnd:
-      return fmt::format("{}: capture has no end marker (recorder killed or out of disk?): "
-                         "read {} records; events of the last second before the stop may be "
-                         "missing",
-                         path, records);
+      return fmt::format(
+          "{}: capture has no end marker (recorder killed or out of disk?): "
+          "read {} records; events of the last second before the stop may be "
+          "missing",
+          path, records);
     case Kind::Truncated:
-      return fmt::format("{}: capture truncated at byte {} ({}): skipped the last {} bytes, "
-                         "read {} records",
-                         path, offset, detail, skipped, records);
+      return fmt::format(
+          "{}: capture truncated at byte {} ({}): skipped the last {} bytes, "
+          "read {} records",
+          path, offset, detail, skipped, records);
     case Kind::Corrupt:
-      return fmt::format("{}: corrupt capture at byte {} ({}): skipped the last {} bytes, "
-                         "read {} records",
-                         path, offset, detail, skipped, records);
+      return fmt::format(
+          "{}: corrupt capture at byte {} ({}): skipped the last {} bytes, "
+          "read {} records",
+          path, offset, detail, skipped, records);
   }
   return {};
 }
@@ -444,16 +446,39 @@ std::optional<std::string> parse_meta(const uint8_t* p, size_t n, CaptureInfo& i
     };
     std::optional<std::string> err;
     switch (tag) {
-      case kTagVersion: err = str(info.tcpscope_version); break;
-      case kTagHost: err = str(info.host); break;
-      case kTagKernel: err = str(info.kernel); break;
-      case kTagBootOffset: err = num(info.boot_offset_ns); have_offset = true; break;
-      case kTagStart: err = num(info.start_ns); have_start = true; break;
-      case kTagCaptureId: err = num(info.capture_id); break;
-      case kTagPart: err = num(info.part); break;
-      case kTagEventSize: err = num(info.event_size); have_size = true; break;
-      case kTagRing: err = num(info.ring_bytes); break;
-      case kTagTrigger: err = str(info.trigger); break;
+      case kTagVersion:
+        err = str(info.tcpscope_version);
+        break;
+      case kTagHost:
+        err = str(info.host);
+        break;
+      case kTagKernel:
+        err = str(info.kernel);
+        break;
+      case kTagBootOffset:
+        err = num(info.boot_offset_ns);
+        have_offset = true;
+        break;
+      case kTagStart:
+        err = num(info.start_ns);
+        have_start = true;
+        break;
+      case kTagCaptureId:
+        err = num(info.capture_id);
+        break;
+      case kTagPart:
+        err = num(info.part);
+        break;
+      case kTagEventSize:
+        err = num(info.event_size);
+        have_size = true;
+        break;
+      case kTagRing:
+        err = num(info.ring_bytes);
+        break;
+      case kTagTrigger:
+        err = str(info.trigger);
+        break;
       case kTagOption: {
         std::string s;
         err = str(s);
@@ -464,7 +489,8 @@ std::optional<std::string> parse_meta(const uint8_t* p, size_t n, CaptureInfo& i
         info.options.emplace_back(s.substr(0, eq), s.substr(eq + 1));
         break;
       }
-      default: break;  // newer metadata: skip
+      default:
+        break;  // newer metadata: skip
     }
     if (err) return err;
   }
@@ -486,10 +512,10 @@ Result<CaptureInfo> CaptureReader::read_header(Source& src, const std::string& n
     return Error{fmt::format("{}: capture header truncated ({} bytes)", name, n)};
   const uint16_t version = get<uint16_t>(fixed + 8);
   if (version != kFormatVersion)
-    return Error{fmt::format("{}: capture format version {} is not supported (this tcpscope "
-                             "reads version {}){}",
-                             name, version, kFormatVersion,
-                             version > kFormatVersion ? ": upgrade tcpscope" : "")};
+    return Error{fmt::format(
+        "{}: capture format version {} is not supported (this tcpscope "
+        "reads version {}){}",
+        name, version, kFormatVersion, version > kFormatVersion ? ": upgrade tcpscope" : "")};
   const uint32_t meta_len = get<uint32_t>(fixed + 12);
   if (meta_len > kMaxMetaLen)
     return Error{fmt::format("{}: corrupt capture header (metadata length {})", name, meta_len)};
@@ -509,8 +535,7 @@ Result<CaptureInfo> CaptureReader::read_header(Source& src, const std::string& n
   if (auto err = parse_meta(buf.data() + kFileHeaderFixed, meta_len, info))
     return Error{fmt::format("{}: corrupt capture header ({})", name, *err)};
   if (info.event_size < kMinEventSize || info.event_size > kMaxEventSize)
-    return Error{fmt::format("{}: corrupt capture header (record size {})", name,
-                             info.event_size)};
+    return Error{fmt::format("{}: corrupt capture header (record size {})", name, info.event_size)};
   return info;
 }
 
@@ -626,8 +651,8 @@ bool CaptureReader::read_block() {
       return false;
     }
     if (stored > left - kBlockHeaderSize) {
-      stop(ReadStatus::Kind::Truncated, fmt::format("block of {} bytes, only {} left", stored,
-                                                    left - kBlockHeaderSize));
+      stop(ReadStatus::Kind::Truncated,
+           fmt::format("block of {} bytes, only {} left", stored, left - kBlockHeaderSize));
       return false;
     }
     if (stored_.size() < stored) stored_.resize(stored);
@@ -667,8 +692,8 @@ bool CaptureReader::read_block() {
         }
         if (raw_.size() < raw) raw_.resize(raw);
         // dst capacity is exactly raw: zstd cannot write past it.
-        const size_t r = ZSTD_decompressDCtx(static_cast<ZSTD_DCtx*>(dctx_.get()), raw_.data(),
-                                             raw, stored_.data(), stored);
+        const size_t r = ZSTD_decompressDCtx(static_cast<ZSTD_DCtx*>(dctx_.get()), raw_.data(), raw,
+                                             stored_.data(), stored);
         if (ZSTD_isError(r) || r != raw) {
           stop(ReadStatus::Kind::Corrupt,
                ZSTD_isError(r) ? fmt::format("zstd: {}", ZSTD_getErrorName(r))

@@ -84,6 +84,11 @@ Result<Options> parse_command_line(int argc, char** argv) {
   app.add_flag("--no-tw-timers", no_tw_timers,
                "Do not trace timewait timers (saves a probe per kernel timer start; TIME_WAIT "
                "entries and ends then come from sweeps only)");
+  double close_wait_s = 60;
+  auto* cw_opt = app.add_option("--close-wait-threshold", close_wait_s,
+                                "Seconds in CLOSE_WAIT after which a socket counts as stuck "
+                                "(close_wait_stuck, holders resolved); default 60")
+                     ->check(CLI::Range(0.001, 1e6));
   app.add_flag("--info", info, "Print what the kernel supports and exit");
   auto* trace_cmd = app.add_subcommand("trace", "Live tracing (the default)");
   trace_cmd->fallthrough();
@@ -150,7 +155,8 @@ Result<Options> parse_command_line(int argc, char** argv) {
   if (*report_cmd) {
     // Filters act in the kernel at record time; a report cannot apply them.
     for (const char* name : {"--netns", "--cgroup", "--pid", "--port", "--lport", "--rport",
-                             "--ipv4", "--ipv6", "--duration", "--attach", "--ring-size"})
+                             "--ipv4", "--ipv6", "--duration", "--attach", "--ring-size",
+                             "--close-wait-threshold"})
       if (app.count(name))
         return Error{std::string("report: ") + name + " applies to trace and record, not report", 2};
     o.command = Options::Command::Report;
@@ -209,6 +215,9 @@ Result<Options> parse_command_line(int argc, char** argv) {
   if (tw_sweep_s > 0 && tw_sweep_s < 0.01)
     return Error{"--tw-sweep-interval: use 0 (off) or at least 0.01 s", 2};
   o.trace.tw_sweep_ms = static_cast<uint32_t>(tw_sweep_s * 1000);
+  o.trace.close_wait_threshold_ns = static_cast<uint64_t>(close_wait_s * 1e9);
+  // The flight recorder's CLOSE_WAIT trigger counts stuck sockets the same way.
+  if (cw_opt->count() && !t_age->count()) r.close_wait_threshold_s = close_wait_s;
   return o;
 }
 

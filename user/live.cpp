@@ -8,14 +8,17 @@
 #include <fcntl.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <thread>
+#include <unordered_set>
 #include <cstring>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "tcpscope/format.hpp"
+#include "tcpscope/holders.hpp"
 #include "tcpscope/timewait.hpp"
 
 namespace tcpscope {
@@ -114,7 +117,27 @@ int LiveSession::run(double duration_s, const Consumer& consume,
                      const std::function<bool()>& should_stop) {
   SignalFd signals(static_cast<bool>(on_usr1_));
   BpfTracer& tracer = *tracer_;
-  tracer.on_event(consume);
+  // CLOSE_WAIT holders: the resolver watches every record (cheap) and
+  // resolves, live, only the sockets near the threshold.
+  const uint64_t cw_ms = std::max<uint64_t>(1, cfg_.close_wait_threshold_ns / 1'000'000);
+  HolderResolverConfig hcfg = HolderResolverConfig::for_threshold(cw_ms * 1'000'000);
+  hcfg.resolve = tracer.has_sock_iter();
+  HolderResolver holders(hcfg);
+  // Sockets with events while the start-up snapshot is taken: their own
+  // events describe them (set only during the snapshot).
+  std::unordered_set<uint64_t>* seen_at_snapshot = nullptr;
+  const Consumer feed = [&holders, &consume, &seen_at_snapshot](const Event& e) {
+    if (seen_at_snapshot && e.conn) seen_at_snapshot->insert(e.conn);
+    holders.observe(e);
+    consume(e);
+  };
+  tracer.on_event(feed);
+  const auto read_all = [&tracer](std::vector<SockRecord>& out) {
+    return tracer.read_sockets(true, out);
+  };
+  const uint64_t tick_ns =
+      std::clamp<uint64_t>(cw_ms * 1'000'000 / 4, 100'000'000ull, 1'000'000'000ull);
+  uint64_t next_tick = 0;
 
   Fd ep(epoll_create1(EPOLL_CLOEXEC));
   epoll_event ev{};
@@ -140,6 +163,10 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     }
   };
 
+  // Owners of socks that predate us are unknown: under a pid or cgroup
+  // filter they cannot be attributed, so they are left out.
+  const bool report_preexisting = !cfg_.filters.pid && !cfg_.filters.cgroup_id;
+  const bool snapshot = tracer.has_sock_iter() && report_preexisting && !getenv("TCPSCOPE_NOSNAP");
   // Facts the analysis needs, as a record so that replays see them too.
   {
     const auto [lo, hi] = read_port_range(cfg_.netns_path);
@@ -150,17 +177,62 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     c.reason = lo;
     c.seg_len = hi;
     c.aux = (tracer.tw_timers_on() ? TCPSCOPE_CONFIG_TW_TIMERS : 0) |
-            (cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter() ? TCPSCOPE_CONFIG_TW_SWEEP : 0);
+            (cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter() ? TCPSCOPE_CONFIG_TW_SWEEP : 0) |
+            (hcfg.resolve ? TCPSCOPE_CONFIG_HOLDERS : 0) | (snapshot ? TCPSCOPE_CONFIG_SNAPSHOT : 0);
+    c.tx_queue = static_cast<uint32_t>(std::min<uint64_t>(cw_ms, UINT32_MAX));
     consume(c);
+  }
+
+  // Every socket that predates us (timewait socks come from the sweep),
+  // so that what was already stuck in CLOSE_WAIT is found.
+  if (snapshot) {
+    std::unordered_set<uint64_t> seen;
+    seen_at_snapshot = &seen;
+    tracer.consume();
+    std::vector<SockRecord> socks;
+    auto got = tracer.read_sockets(true, socks);
+    // Events from before and during the pass go first; a socket that had
+    // some is not pre-existing (it may even have left the state seen).
+    tracer.consume();
+    seen_at_snapshot = nullptr;
+    if (!got) {
+      spdlog::warn("start-up socket snapshot failed: {}", got.error().message);
+    } else {
+      spdlog::debug("start-up snapshot: {} sockets", socks.size());
+      for (const SockRecord& r : socks) {
+        if (r.conn == 0 || r.state == kTcpTimeWait || r.state == kTcpNewSynRecv ||
+            seen.contains(r.conn))
+          continue;
+        if (cfg_.filters.family && r.family != cfg_.filters.family) continue;
+        Event e{};
+        e.type = TCPSCOPE_EV_SNAPSHOT;
+        e.ts_ns = r.ts_ns;
+        e.conn = r.conn;
+        e.netns = r.netns;
+        e.family = r.family;
+        e.lport = r.lport;
+        e.rport = r.rport;
+        std::memcpy(e.laddr, r.laddr, sizeof(e.laddr));
+        std::memcpy(e.raddr, r.raddr, sizeof(e.raddr));
+        e.old_state = e.new_state = r.state;
+        e.rx_queue = r.rx_queue;
+        e.tx_queue = r.tx_queue;
+        e.aux = r.ino;
+        e.reason = r.uid;
+        e.seg_len = r.last_ack_ns && r.last_ack_ns <= r.ts_ns
+                        ? static_cast<uint32_t>(
+                              std::min<uint64_t>((r.ts_ns - r.last_ack_ns) / 1'000'000, 0xfffffffeu))
+                        : 0xffffffffu;
+        e.sk_flags = TCPSCOPE_SK_SNAPSHOT;
+        feed(e);
+      }
+    }
   }
 
   // TIME_WAIT sweeps: the state tracepoint never shows the tw sock's end.
   TimeWaitSweep sweep;
   std::vector<SockRecord> records;
   const bool sweeping = cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter();
-  // Owners of socks that predate us are unknown: under a pid or cgroup
-  // filter they cannot be attributed, so they are left out.
-  const bool report_preexisting = !cfg_.filters.pid && !cfg_.filters.cgroup_id;
   uint64_t next_sweep = 0;
   auto run_sweep = [&](bool initial) {
     tracer.consume();  // entries first: a tw's CLOSE event precedes its sighting
@@ -171,6 +243,11 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       spdlog::warn("TIME_WAIT sweep failed: {}", got.error().message);
       return;
     }
+    // And the events of the pass itself: a tw sock made while the pass ran
+    // may have been seen by it, and its CLOSE event must come first, or the
+    // sighting looks like a stranger's (pre-existing, filtered out) and the
+    // CLOSE like a TIME_WAIT that never was.
+    tracer.consume();
     sweep.apply(t0, t1, cfg_.tw_sweep_ms, records, initial, report_preexisting, consume);
     next_sweep = t0 + static_cast<uint64_t>(cfg_.tw_sweep_ms) * 1'000'000;
   };
@@ -181,6 +258,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   while (!stop) {
     epoll_event evs[2];
     int timeout = 100;  // drain at least this often: producers batch wake-ups
+    if (holders.busy()) timeout = 10;  // a holder scan is cut in steps
     if (deadline) {
       const uint64_t now = boottime_now_ns();
       if (now >= deadline) break;
@@ -207,6 +285,18 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     }
     const uint64_t now = boottime_now_ns();
     if (sweeping && now >= next_sweep) run_sweep(false);
+    if (holders.tracking() || holders.busy()) {
+      holders.step(now, read_all, feed);
+      if (now >= next_tick) {
+        // Time passes for the analysis even without traffic: a CLOSE_WAIT
+        // crosses the threshold while nothing happens.
+        Event tick{};
+        tick.type = TCPSCOPE_EV_TICK;
+        tick.ts_ns = boottime_now_ns();
+        consume(tick);
+        next_tick = now + tick_ns;
+      }
+    }
     if (now >= next_lost_check) {
       check_lost(now);
       next_lost_check = now + 1'000'000'000;

@@ -201,8 +201,9 @@ namespace {
 // Records shown as event lines; the rest (sweeps, tw timers, config) feed
 // the analyzers, which report what they mean as notices.
 bool is_public_record(uint8_t type) {
+  // Resets come out as reset_sent/reset_received notices of the reset
+  // analysis, which adds their cause.
   return type == TCPSCOPE_EV_STATE || type == TCPSCOPE_EV_RETRANSMIT ||
-         type == TCPSCOPE_EV_RESET_SENT || type == TCPSCOPE_EV_RESET_RECEIVED ||
          type == TCPSCOPE_EV_LOST;
 }
 }  // namespace

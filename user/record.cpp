@@ -1,5 +1,6 @@
 #include "record.hpp"
 
+#include <fmt/format.h>
 #include <signal.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -7,8 +8,6 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
-
-#include <fmt/format.h>
 
 #include "live.hpp"
 #include "tcpscope/capture.hpp"
@@ -220,8 +219,8 @@ int record_ring(const Options& o, LiveSession& session, capture::CaptureInfo inf
   if (o.json) live = std::make_unique<LiveJson>(o, session);
   bool dump_failed = false;
   session.on_usr1([&] { dump_failed |= !fr.dump("SIGUSR1", boottime_now_ns()); });
-  fmt::print(stderr, "tcpscope: flight recorder on ({} bytes), dumps to {}\n",
-             o.record.ring_bytes, o.record.output);
+  fmt::print(stderr, "tcpscope: flight recorder on ({} bytes), dumps to {}\n", o.record.ring_bytes,
+             o.record.output);
   const int rc = session.run(
       o.duration_s,
       [&](const Event& ev) {
@@ -316,7 +315,8 @@ int run_report(const Options& o) {
   }
   const capture::ReadStatus& st = reader.status();
   switch (st.kind) {
-    case capture::ReadStatus::Kind::Clean: return 0;
+    case capture::ReadStatus::Kind::Clean:
+      return 0;
     case capture::ReadStatus::Kind::NoEnd:
     case capture::ReadStatus::Kind::Truncated:
       // What a kill -9 or a full disk leaves: the report above is valid.

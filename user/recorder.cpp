@@ -1,8 +1,8 @@
 #include "tcpscope/recorder.hpp"
 
-#include <bit>
-
 #include <fmt/format.h>
+
+#include <bit>
 
 namespace tcpscope {
 
@@ -84,8 +84,10 @@ std::optional<std::string> TriggerMonitor::observe(const Event& ev) {
   if (cfg_.close_wait_stuck && !cw_.empty()) {
     const uint64_t key = ev.conn ? ev.conn : ev.sk;
     if (key != 0) {
-      if (ev.new_state == kTcpCloseWait) cw_insert(key, ev.ts_ns);
-      else if (ev.old_state == kTcpCloseWait) cw_erase(key);
+      if (ev.new_state == kTcpCloseWait)
+        cw_insert(key, ev.ts_ns);
+      else if (ev.old_state == kTcpCloseWait)
+        cw_erase(key);
     }
   }
   if (cfg_.time_wait_over && is_time_wait_entry(ev)) {

@@ -2,7 +2,9 @@
 #include <cstring>
 
 #include "tcpscope/analyzers.hpp"
+#include "tcpscope/closewait.hpp"
 #include "tcpscope/pipeline.hpp"
+#include "tcpscope/resets.hpp"
 #include "tcpscope/timewait.hpp"
 
 namespace tcpscope {
@@ -18,8 +20,12 @@ Pipeline::Pipeline(TrackerLimits limits) : tracker_(limits) {
 void Pipeline::add_default_analyzers(int top_n) {
   add_analyzer(std::make_unique<ConnectionsAnalyzer>());
   add_analyzer(std::make_unique<RetransmitAnalyzer>(top_n));
-  add_analyzer(std::make_unique<TimeWaitAnalyzer>(top_n));
+  auto tw = std::make_unique<TimeWaitAnalyzer>(top_n);
+  const TimeWaitAnalyzer* tw_ptr = tw.get();
+  add_analyzer(std::move(tw));
+  add_analyzer(std::make_unique<ResetAnalyzer>(tw_ptr, top_n));
   add_analyzer(std::make_unique<LostAnalyzer>());
+  add_analyzer(std::make_unique<CloseWaitAnalyzer>(top_n, tracker_));
 }
 
 void Pipeline::notice(const Notice& n) {

@@ -177,11 +177,21 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
         if (it == pending_.end()) continue;
         const PendingEntry p = it->second;
         pending_.erase(it);
-        not_entered(nullptr, p.tuple, p.conn, p.close_ns, p.fin_received, p.rst_sent, out);
+        // The connection is gone from the tracker: describe it here.
+        Connection shown;
+        shown.id = p.conn;
+        shown.netns = p.tuple.netns;
+        shown.family = p.tuple.family;
+        shown.lport = p.tuple.lport;
+        shown.rport = p.tuple.rport;
+        shown.laddr = p.tuple.laddr;
+        shown.raddr = p.tuple.raddr;
+        shown.pid = p.pid;
+        shown.comm = p.comm;
+        not_entered(&shown, p.tuple, p.conn, p.close_ns, p.fin_received, p.rst_sent, out);
       }
       return;
     case TCPSCOPE_EV_TW_SEEN:
-      on_tw_seen(e);
       if (auto it = pending_.find(e.conn); it != pending_.end()) {
         const PendingEntry p = it->second;
         pending_.erase(it);
@@ -195,7 +205,9 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
         tw.pid = p.pid;
         tw.comm = p.comm;
         add_tw(tw, nullptr, out, false);
+        return;
       }
+      on_tw_seen(e);
       return;
     case TCPSCOPE_EV_TW_GONE:
       on_tw_gone(e, out);
@@ -226,7 +238,9 @@ TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::find(const Event& e) {
     if (it != open_.end()) return &it->second;
   }
   auto bt = by_tuple_.find(TupleKey::of(e));
-  if (bt == by_tuple_.end()) return nullptr;
+  // By tuple only for a tw sock without a cookie: another conn's tw sock
+  // on the same tuple (the one that recycled or reused it) is not this one.
+  if (bt == by_tuple_.end() || (e.conn && bt->second != e.conn)) return nullptr;
   auto it = open_.find(bt->second);
   return it == open_.end() ? nullptr : &it->second;
 }
@@ -287,7 +301,8 @@ const TimeWaitAnalyzer::FateInfo* TimeWaitAnalyzer::fate(const TupleKey& tuple) 
   return it == fates_.end() ? nullptr : &it->second;
 }
 
-void TimeWaitAnalyzer::set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn) {
+void TimeWaitAnalyzer::set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn,
+                                uint8_t substate) {
   constexpr uint64_t kMaxAgeNs = 600'000'000'000ull;
   constexpr size_t kMaxFates = 65536;
   while (!fate_order_.empty() &&
@@ -296,7 +311,7 @@ void TimeWaitAnalyzer::set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, u
     if (it != fates_.end() && it->second.ts_ns == fate_order_.front().first) fates_.erase(it);
     fate_order_.pop_front();
   }
-  fates_[tuple] = FateInfo{fate, ts, conn};
+  fates_[tuple] = FateInfo{fate, ts, conn, substate};
   fate_order_.emplace_back(ts, tuple);
 }
 
@@ -334,6 +349,12 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
               (c.open_kind == OpenKind::Unknown && is_ephemeral(c.lport));
   tw.pid = c.pid;
   tw.comm = c.comm;
+  if (open_.contains(c.id)) {
+    // A sweep saw the tw sock before this CLOSE event was read.
+    armed_.erase(tw.tuple);
+    add_tw(tw, &c, out, false);
+    return;
+  }
   if (timers_) {
     // tcp_time_wait() arms the tw timer before tcp_done() reports CLOSE.
     auto it = armed_.find(tw.tuple);
@@ -359,34 +380,42 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
 
 void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
                               bool preexisting) {
+  EndpointStats* ep = nullptr;
+  uint8_t substate = tw.substate;
   auto existing = open_.find(tw.conn);
   if (existing != open_.end()) {
-    // Seen by a sweep before its CLOSE event was read: now we know when.
-    if (!existing->second.entered_ns && tw.entered_ns && preexisting_ > 0) --preexisting_;
-    existing->second.entered_ns = tw.entered_ns;
-    if (!preexisting) ++entered_;
-    return;
-  }
-  open_[tw.conn] = tw;
-  by_tuple_[tw.tuple] = tw.conn;
-  set_fate(tw.tuple, Fate::Open, tw.entered_ns, tw.conn);
-  auto* ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);
-  if (ep) ++ep->open;
-  if (tw.client) {
-    TupleKey rk;
-    rk.netns = tw.tuple.netns;
-    rk.family = tw.tuple.family;
-    rk.raddr = tw.tuple.raddr;
-    rk.rport = tw.tuple.rport;
-    if (auto* r = capped(remotes_, rk, kMaxKeys, other_endpoints_)) {
-      ++r->open;
-      r->peak = std::max(r->peak, r->open);
+    // Seen by a sweep before its CLOSE event was read (and so counted as
+    // pre-existing): it entered during the trace, now we know when.
+    Tw& have = existing->second;
+    if (preexisting || have.entered_ns || !tw.entered_ns) return;
+    if (preexisting_ > 0) --preexisting_;
+    have.entered_ns = tw.entered_ns;
+    have.pid = tw.pid;
+    have.comm = tw.comm;
+    substate = have.substate;
+    ep = capped(endpoints_, endpoint_key(have.tuple, have.client), kMaxKeys, other_endpoints_);
+  } else {
+    open_[tw.conn] = tw;
+    by_tuple_[tw.tuple] = tw.conn;
+    set_fate(tw.tuple, Fate::Open, tw.entered_ns, tw.conn, tw.substate);
+    ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);
+    if (ep) ++ep->open;
+    if (tw.client) {
+      TupleKey rk;
+      rk.netns = tw.tuple.netns;
+      rk.family = tw.tuple.family;
+      rk.raddr = tw.tuple.raddr;
+      rk.rport = tw.tuple.rport;
+      if (auto* r = capped(remotes_, rk, kMaxKeys, other_endpoints_)) {
+        ++r->open;
+        r->peak = std::max(r->peak, r->open);
+      }
     }
-  }
-  peak_ = std::max<uint64_t>(peak_, open_.size());
-  if (preexisting) {
-    ++preexisting_;
-    return;
+    peak_ = std::max<uint64_t>(peak_, open_.size());
+    if (preexisting) {
+      ++preexisting_;
+      return;
+    }
   }
   ++entered_;
   if (ep) ++ep->entered;
@@ -404,7 +433,7 @@ void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
     shown.comm = tw.comm;
     n.conn = &shown;
   }
-  n.add("substate", state_name(tw.substate));
+  n.add("substate", state_name(substate));
   out.notice(n);
 }
 
@@ -475,7 +504,8 @@ void TimeWaitAnalyzer::end(uint64_t conn, uint64_t end_ns, EndCause cause,
   if (bt != by_tuple_.end() && bt->second == conn) by_tuple_.erase(bt);
 
   ++ended_[static_cast<int>(cause)];
-  set_fate(tw.tuple, cause == EndCause::Expired ? Fate::Expired : Fate::Killed, end_ns, conn);
+  set_fate(tw.tuple, cause == EndCause::Expired ? Fate::Expired : Fate::Killed, end_ns, conn,
+           tw.substate);
   if (method == "sweep") ++sweep_ends_;
   else ++exact_ends_;
   auto* ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);

@@ -137,6 +137,24 @@ Tracked Tracker::apply(const Event& ev) {
     finish(ev.ts_ns);
     return out;
   }
+  // A socket that predates the trace: its state is known, not since when.
+  // Ignored if its own events came first.
+  if (ev.type == TCPSCOPE_EV_SNAPSHOT) {
+    if (ev.conn == 0) return out;
+    if (auto it = conns_.find(ev.conn); it != conns_.end()) {
+      out.conn = &it->second;
+      return out;
+    }
+    Connection& c = start(ev);
+    c.open_kind = ev.new_state == kTcpListen ? OpenKind::Listen : OpenKind::Unknown;
+    c.snapshot = true;
+    c.state = ev.new_state;
+    c.state_since_ns = ev.ts_ns;
+    if (ev.new_state < 32) c.visited |= 1u << ev.new_state;
+    enforce_cap();
+    out.conn = find(ev.conn);
+    return out;
+  }
   // Only the socket's own events make its lifecycle; tw timer and sweep
   // records describe the timewait sock that replaced it.
   const bool socket_event = ev.type == TCPSCOPE_EV_STATE || ev.type == TCPSCOPE_EV_RETRANSMIT ||

@@ -81,10 +81,10 @@ std::string part_path(const std::string& base, uint32_t part);
 struct WriterOptions {
   Codec codec = Codec::Zstd;
   int zstd_level = 3;
-  uint64_t max_size = 0;             // bytes per file before rotating; 0 = never
-  uint32_t max_files = 0;            // parts kept on disk; 0 = all
+  uint64_t max_size = 0;   // bytes per file before rotating; 0 = never
+  uint32_t max_files = 0;  // parts kept on disk; 0 = all
   uint64_t flush_interval_ns = 500'000'000;
-  uint32_t block_events = 4096;      // records per block at most
+  uint32_t block_events = 4096;  // records per block at most
 };
 
 // Appends records to a capture. append() never allocates: records are copied
@@ -145,12 +145,12 @@ class CaptureWriter {
   int fd_ = -1;
   std::string cur_path_;
   uint32_t part_ = 0;
-  uint64_t file_size_ = 0;       // bytes of complete blocks in the current part
+  uint64_t file_size_ = 0;  // bytes of complete blocks in the current part
   uint64_t part_blocks_ = 0;
   uint64_t records_part_ = 0, records_total_ = 0, bytes_total_ = 0;
   size_t record_size_ = sizeof(Event);
-  std::vector<uint8_t> block_;   // block_events records
-  std::vector<uint8_t> out_;     // compressed payload
+  std::vector<uint8_t> block_;  // block_events records
+  std::vector<uint8_t> out_;    // compressed payload
   uint32_t pending_ = 0;
   uint64_t last_flush_ns_ = 0;
   bool failed_ = false, closed_ = false;
@@ -167,10 +167,10 @@ struct ReadStatus {
     Corrupt,    // bad checksum, bad block header, garbage
   };
   Kind kind = Kind::Clean;
-  std::string path;        // file (part) where it stopped
-  uint64_t offset = 0;     // byte offset of the block it stopped at
-  uint64_t skipped = 0;    // bytes from there to the end of that file
-  std::string detail;      // what was wrong
+  std::string path;      // file (part) where it stopped
+  uint64_t offset = 0;   // byte offset of the block it stopped at
+  uint64_t skipped = 0;  // bytes from there to the end of that file
+  std::string detail;    // what was wrong
   uint64_t records = 0, blocks = 0;
   uint32_t parts = 0;
   uint64_t unknown_blocks = 0;  // skipped: newer block kinds

@@ -58,8 +58,76 @@ enum tcpscope_event_type {
 				     start: reason/seg_len = the local port
 				     range (ip_local_port_range) low/high,
 				     netns = the namespace it was read in,
-				     aux = TCPSCOPE_CONFIG_* bits */
+				     aux = TCPSCOPE_CONFIG_* bits,
+				     tx_queue = the CLOSE_WAIT threshold in ms
+				     (--close-wait-threshold; 0 = 60 s) */
+	/* CLOSE_WAIT analysis (user/holders.cpp makes them live). */
+	TCPSCOPE_EV_SNAPSHOT = 22, /* a socket that existed when the trace
+				     started (start-up iter/tcp pass; never a
+				     timewait or request sock: those have
+				     TW_SEEN or nothing). conn, netns, family,
+				     tuple = the socket's; old_state =
+				     new_state = its state; rx_queue/tx_queue
+				     = its queues; aux = its inode (0 none);
+				     reason = its uid; seg_len = ms from the
+				     last ACK it received (tp->rcv_tstamp) to
+				     ts_ns, saturated, 0xffffffff unknown: a
+				     CLOSE_WAIT is at least that old (the
+				     peer's FIN carried an ACK); sk_flags =
+				     TCPSCOPE_SK_SNAPSHOT */
+	TCPSCOPE_EV_TICK = 23,	   /* time passes (no payload): sent while
+				     CLOSE_WAIT sockets are tracked, so that a
+				     threshold crossing is seen without other
+				     traffic */
+	TCPSCOPE_EV_PROC = 24,	   /* a process that holds a socket, as /proc
+				     showed it: pid = tgid, comm, cgroup = its
+				     cgroup v2 id (0 unknown), aux = its start
+				     time (boot ns). Its cmdline and cgroup
+				     path follow as PROC_TEXT records; sent in
+				     every resolution round before the HOLDER
+				     records naming it */
+	TCPSCOPE_EV_PROC_TEXT = 25, /* a piece of a text of the last PROC with
+				     this pid: reason = which text (enum
+				     tcpscope_proc_text), seg_len = byte offset
+				     of the piece, rx_queue = bytes in it
+				     (<= TCPSCOPE_TEXT_CHUNK), tx_queue = the
+				     whole text's length (as stored: cmdline
+				     <= TCPSCOPE_CMDLINE_MAX, the cgroup path's
+				     last TCPSCOPE_CGROUP_MAX bytes), tcp_flags
+				     = 1 if the text was cut; the bytes are
+				     in laddr, raddr, comm (48 contiguous
+				     bytes from offset 68). cmdline NULs are
+				     sent as spaces */
+	TCPSCOPE_EV_HOLDER = 26,   /* one fd of a process holding a CLOSE_WAIT
+				     socket (found by socket inode in
+				     /proc/PID/fd): conn, netns, family, tuple
+				     = the socket's; pid, comm = the holder
+				     (pid 0: no holder found); reason = the fd
+				     number; aux = the inode; rx_queue = its
+				     unread bytes at the scan; new_state = its
+				     state at the scan; seg_len = index of this
+				     record in the socket's batch, tx_queue =
+				     records in the batch (a batch replaces
+				     what was known; an empty batch is one
+				     record with pid 0 and tx_queue 0) */
+	TCPSCOPE_EV_HOLDER_SCAN = 27, /* one holder-resolution round done
+				     (after its HOLDER records): ts_ns = its
+				     end, aux = ns spent reading /proc, sk =
+				     ns of its iter/tcp pass, cgroup = ns of
+				     its longest step, conn = fd entries read,
+				     seg_len = processes read, reason =
+				     sockets searched, rx_queue = sockets
+				     found held, tx_queue = steps */
 };
+
+/* Which text a TCPSCOPE_EV_PROC_TEXT record carries. */
+enum tcpscope_proc_text {
+	TCPSCOPE_TEXT_CMDLINE = 1, /* /proc/PID/cmdline */
+	TCPSCOPE_TEXT_CGROUP = 2,  /* cgroup v2 path (/proc/PID/cgroup "0::") */
+};
+#define TCPSCOPE_TEXT_CHUNK 48
+#define TCPSCOPE_CMDLINE_MAX 2048
+#define TCPSCOPE_CGROUP_MAX 256
 
 /* How the owner (pid, comm) of the connection was learnt. */
 enum tcpscope_owner_source {
@@ -73,6 +141,10 @@ enum tcpscope_owner_source {
 /* Bits of the CONFIG record's aux. */
 #define TCPSCOPE_CONFIG_TW_TIMERS 1ULL /* TW_START/CANCEL/EXPIRE are traced */
 #define TCPSCOPE_CONFIG_TW_SWEEP 2ULL  /* TW_SEEN/GONE sweeps run */
+#define TCPSCOPE_CONFIG_HOLDERS 4ULL   /* CLOSE_WAIT holders are resolved
+					  (HOLDER records will come) */
+#define TCPSCOPE_CONFIG_SNAPSHOT 8ULL  /* SNAPSHOT records of the sockets
+					  that predate the trace follow */
 
 /* Bits of tcpscope_event.sk_flags. */
 enum tcpscope_sk_flags {
@@ -168,8 +240,10 @@ struct tcpscope_sock_record {
 	__u8 _pad;
 	__u8 laddr[TCPSCOPE_ADDR_LEN];
 	__u8 raddr[TCPSCOPE_ADDR_LEN];
+	__u64 last_ack_ns; /* full sockets: boot ns of the last ACK received
+			      (tp->rcv_tstamp, jiffies), 0 if unknown */
 };
 
-#define TCPSCOPE_SOCK_RECORD_SIZE 88
+#define TCPSCOPE_SOCK_RECORD_SIZE 96
 
 #endif /* TCPSCOPE_EVENTS_H */

@@ -23,8 +23,10 @@ class EventRing {
   void push(const Event& ev) {
     buf_[head_] = ev;
     if (++head_ == buf_.size()) head_ = 0;
-    if (size_ < buf_.size()) ++size_;
-    else wrapped_ = true;
+    if (size_ < buf_.size())
+      ++size_;
+    else
+      wrapped_ = true;
   }
   // True once the oldest records have been overwritten.
   bool wrapped() const { return wrapped_; }
@@ -47,12 +49,12 @@ class EventRing {
 };
 
 struct TriggerConfig {
-  bool late_fin_rst = false;            // a late FIN answered with a RST
-  uint32_t close_wait_stuck = 0;        // this many stuck CLOSE_WAITs; 0 = off
+  bool late_fin_rst = false;                          // a late FIN answered with a RST
+  uint32_t close_wait_stuck = 0;                      // this many stuck CLOSE_WAITs; 0 = off
   uint64_t close_wait_threshold_ns = 60'000'000'000;  // when one counts as stuck
-  uint32_t time_wait_over = 0;          // more TIME_WAIT socks than this; 0 = off
-  uint64_t time_wait_len_ns = 60'000'000'000;  // TCP_TIMEWAIT_LEN
-  size_t close_wait_capacity = 1u << 16;       // CLOSE_WAITs tracked at once
+  uint32_t time_wait_over = 0;                        // more TIME_WAIT socks than this; 0 = off
+  uint64_t time_wait_len_ns = 60'000'000'000;         // TCP_TIMEWAIT_LEN
+  size_t close_wait_capacity = 1u << 16;              // CLOSE_WAITs tracked at once
 };
 
 // Watches raw events for trigger conditions. The count triggers fire on the

@@ -79,6 +79,7 @@ class TimeWaitAnalyzer final : public Analyzer {
     Fate fate = Fate::Open;
     uint64_t ts_ns = 0;  // when that happened
     uint64_t conn = 0;
+    uint8_t substate = 0;  // of the tw sock (FIN_WAIT2: the peer never sent FIN)
   };
   // Null if the tuple had no TIME_WAIT decision recently (10 minutes).
   const FateInfo* fate(const TupleKey& tuple) const;
@@ -124,7 +125,8 @@ class TimeWaitAnalyzer final : public Analyzer {
     uint64_t connections = 0, local_first = 0, peer_first = 0, simultaneous = 0;
   };
 
-  void set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn);
+  void set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn,
+                uint8_t substate = 0);
   void enter(const Tracked& t, NoticeOut& out);
   void add_tw(const Tw& tw, const Connection* c, NoticeOut& out, bool preexisting);
   void not_entered(const Connection* c, const TupleKey& tuple, uint64_t conn, uint64_t ts,

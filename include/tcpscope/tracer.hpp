@@ -41,6 +41,7 @@ struct TraceConfig {
   bool tw_timers = true;                 // trace tw socks by their timer
   uint32_t tw_sweep_ms = 1000;           // TIME_WAIT sweep period, 0 = off
   std::string netns_path;                // --netns as a path, if given
+  uint64_t close_wait_threshold_ns = 60'000'000'000ull;  // CLOSE_WAIT is stuck past it
 };
 
 // Parses --netns (a path such as /run/netns/NAME, or an inode number).

@@ -59,6 +59,8 @@ struct Connection {
   uint8_t close_from = 0;     // state left for CLOSE
   uint8_t close_sk_flags = 0; // tcpscope_sk_flags at the CLOSE transition
   uint32_t visited = 0;       // bit (1 << state) for every state entered
+  bool snapshot = false;      // found by the start-up snapshot (SNAPSHOT
+                              // record): it predates the trace
 
   // The states in order, with entry times; the first kHistory only.
   std::array<uint64_t, kHistory> history_ns{};

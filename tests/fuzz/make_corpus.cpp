@@ -92,7 +92,8 @@ int main(int argc, char** argv) {
     std::ifstream in(dir + "/raw.cap", std::ios::binary);
     std::vector<char> b((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     b.resize(b.size() - kBlockHeaderSize - 16);
-    std::ofstream(dir + "/noend.cap", std::ios::binary).write(b.data(), static_cast<long>(b.size()));
+    std::ofstream(dir + "/noend.cap", std::ios::binary)
+        .write(b.data(), static_cast<long>(b.size()));
   }
   return ok ? 0 : 1;
 }

@@ -147,8 +147,8 @@ TEST_F(CaptureKernel, ReportJsonEqualsLiveJson) {
   TempDir dir;
   const std::string file = dir.file("eq.cap");
   Tracer rec;
-  ASSERT_TRUE(rec.start_raw(
-      {"record", "-o", file, "--netns", ns.path(), "--json", "--duration", "3"}))
+  ASSERT_TRUE(
+      rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--duration", "3"}))
       << rec.diagnostics();
   std::vector<ConnPorts> conns;
   for (int i = 0; i < 3; ++i) conns.push_back(make_connection(ns, ConnSpec{}));
@@ -196,22 +196,21 @@ TEST_F(CaptureKernel, ReportRunsWithoutRoot) {
   ::chmod(dir.path().c_str(), 0755);
   const std::string file = dir.file("nr.cap");
   Tracer rec;
-  ASSERT_TRUE(rec.start_raw(
-      {"record", "-o", file, "--netns", ns.path(), "--json", "--duration", "2"}))
+  ASSERT_TRUE(
+      rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--duration", "2"}))
       << rec.diagnostics();
   make_connection(ns, ConnSpec{});
   ASSERT_EQ(rec.wait_exit(), 0) << rec.diagnostics();
   const std::string copy = dir.file("public.cap");
   fs::copy_file(file, copy);
   ::chmod(copy.c_str(), 0644);
-  const Report r =
-      report(copy, {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"});
+  const Report r = report(copy, {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"});
   ASSERT_EQ(r.cmd.status, 0) << r.cmd.err << r.cmd.out;
   EXPECT_EQ(body(r.lines), body(rec.lines()));
   // The original stays private: nobody cannot read it.
-  const Report denied = report(file, {"setpriv", "--reuid=65534", "--regid=65534",
-                                      "--clear-groups", "--no-new-privs"});
+  const Report denied = report(
+      file, {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"});
   EXPECT_EQ(denied.cmd.status, 1);
   EXPECT_NE(denied.cmd.err.find("Permission denied"), std::string::npos) << denied.cmd.err;
 }
@@ -223,8 +222,8 @@ TEST_F(CaptureKernel, FlightRecorderDumps) {
   TempDir dir;
   const std::string file = dir.file("fr.cap");
   Tracer rec;
-  ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--ring",
-                             "1M", "--trigger-late-fin", "--trigger-delay", "0.2"}))
+  ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--ring", "1M",
+                             "--trigger-late-fin", "--trigger-delay", "0.2"}))
       << rec.diagnostics();
   uint16_t sport = 0, cport = 0;
   {
@@ -243,8 +242,8 @@ TEST_F(CaptureKernel, FlightRecorderDumps) {
     a.reset();  // the server's late FIN meets no socket: RST
     ASSERT_TRUE(wait_until([&] { return ss_find(ss_sockets(ns), sport, cport).empty(); }));
   }
-  ASSERT_TRUE(wait_until([&] { return rec.stderr_text().find("late-FIN RST") != std::string::npos; },
-                         10000ms))
+  ASSERT_TRUE(wait_until(
+      [&] { return rec.stderr_text().find("late-FIN RST") != std::string::npos; }, 10000ms))
       << rec.diagnostics();
   ASSERT_TRUE(fs::exists(file));
   struct stat st {};
@@ -276,6 +275,47 @@ TEST_F(CaptureKernel, FlightRecorderDumps) {
   EXPECT_EQ(last.lines.front().value("trigger", ""), "exit");
 }
 
+// The count triggers on real sockets: three TIME_WAITs over a limit of 2,
+// then one CLOSE_WAIT left open past a 1 s age.
+TEST_F(CaptureKernel, FlightRecorderCountTriggers) {
+  NetNs ns;
+  TempDir dir;
+  const std::string file = dir.file("cnt.cap");
+  Tracer rec;
+  ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--ring",
+                             "1M", "--trigger-time-wait", "2", "--trigger-close-wait", "1",
+                             "--trigger-close-wait-age", "1", "--trigger-delay", "0",
+                             "--trigger-cooldown", "0"}))
+      << rec.diagnostics();
+  for (int i = 0; i < 3; ++i) make_connection(ns, ConnSpec{});
+  ASSERT_TRUE(wait_until(
+      [&] { return rec.stderr_text().find("(TIME_WAIT count 3 over 2)") != std::string::npos; }))
+      << rec.diagnostics();
+  {
+    ScopedNetns in(ns);
+    Fd l(listen_tcp(AF_INET, "127.0.0.1"));
+    ASSERT_TRUE(l.valid());
+    Fd c(connect_tcp(AF_INET, "127.0.0.1", local_port(l.get())));
+    Fd a(accept_tcp(l.get()));
+    ASSERT_TRUE(c.valid() && a.valid());
+    const uint16_t cport = local_port(c.get()), sport = local_port(l.get());
+    c.reset();  // the server never closes: CLOSE_WAIT
+    ASSERT_TRUE(wait_ss_state(ns, sport, cport, "CLOSE-WAIT"));
+    ASSERT_TRUE(wait_until(
+        [&] { return rec.stderr_text().find("(1 CLOSE_WAIT stuck over 1 s)") != std::string::npos; },
+        10000ms))
+        << rec.diagnostics();
+  }
+  EXPECT_EQ(rec.stop(), 0) << rec.diagnostics();
+  const Report tw = report(file);
+  ASSERT_EQ(tw.cmd.status, 0) << tw.cmd.err;
+  EXPECT_EQ(tw.lines.front().value("trigger", ""), "TIME_WAIT count 3 over 2");
+  const Report cw = report(file + ".1");
+  ASSERT_EQ(cw.cmd.status, 0) << cw.cmd.err;
+  EXPECT_EQ(cw.lines.front().value("trigger", ""), "1 CLOSE_WAIT stuck over 1 s");
+  EXPECT_TRUE(fs::exists(file + ".2"));  // the exit dump
+}
+
 // A real full disk: a 64 KiB tmpfs. The recorder stops with one clear line
 // and exit 1; the file is valid up to the last complete block.
 TEST_F(CaptureKernel, DiskFull) {
@@ -290,8 +330,8 @@ TEST_F(CaptureKernel, DiskFull) {
   } unmount{mnt};
   const std::string file = mnt + "/full.cap";
   Tracer rec;
-  ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--compress",
-                             "none"}))
+  ASSERT_TRUE(
+      rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--compress", "none"}))
       << rec.diagnostics();
   {
     ScopedNetns in(ns);
@@ -307,7 +347,8 @@ TEST_F(CaptureKernel, DiskFull) {
   }
   ASSERT_EQ(rec.wait_exit(30000ms), 1) << rec.diagnostics();
   const std::string err = rec.stderr_text();
-  EXPECT_NE(err.find("tcpscope: writing " + file + ": No space left on device; the capture is "
+  EXPECT_NE(err.find("tcpscope: writing " + file +
+                     ": No space left on device; the capture is "
                      "valid up to record"),
             std::string::npos)
       << err;
@@ -331,9 +372,7 @@ TEST_F(CaptureKernel, UsageAndCorruptCaptureErrors) {
   r = run_cmd({binary(), "report", dir.file("missing")});
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("No such file"), std::string::npos) << r.err;
-  {
-    std::ofstream(dir.file("junk")) << "this is not a capture\n";
-  }
+  { std::ofstream(dir.file("junk")) << "this is not a capture\n"; }
   r = run_cmd({binary(), "report", dir.file("junk")});
   EXPECT_EQ(r.status, 1);
   EXPECT_EQ(r.err, "tcpscope: " + dir.file("junk") + ": not a tcpscope capture (bad magic)\n");

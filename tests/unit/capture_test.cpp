@@ -1,6 +1,9 @@
 // Capture format: round trip, every corruption kind, truncation at every
 // offset, rotation, file mode, disk full; flight recorder ring and triggers.
+#include "tcpscope/capture.hpp"
+
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -16,9 +19,6 @@
 #include <string>
 #include <vector>
 
-#include <gtest/gtest.h>
-
-#include "tcpscope/capture.hpp"
 #include "tcpscope/output.hpp"
 #include "tcpscope/pipeline.hpp"
 #include "tcpscope/recorder.hpp"
@@ -128,7 +128,8 @@ bool same(const Event& a, const Event& b) { return std::memcmp(&a, &b, sizeof(Ev
 ::testing::AssertionResult is_prefix(const std::vector<Event>& got, size_t n) {
   if (got.size() != n) return ::testing::AssertionFailure() << got.size() << " records, want " << n;
   for (size_t i = 0; i < n; ++i)
-    if (!same(got[i], make_event(i))) return ::testing::AssertionFailure() << "record " << i << " differs";
+    if (!same(got[i], make_event(i)))
+      return ::testing::AssertionFailure() << "record " << i << " differs";
   return ::testing::AssertionSuccess();
 }
 
@@ -623,9 +624,12 @@ TEST_F(Corrupt, LyingBlockLengths) {
     EXPECT_TRUE(all.events.empty());
   }
   // Valid checksums, inconsistent counts: never trust count * size.
-  for (auto [raw, count] : std::vector<std::pair<uint32_t, uint32_t>>{
-           {2 * sizeof(Event), 3}, {3 * sizeof(Event), 2}, {0, 0},
-           {0xffffffffu, 0x7fffffffu}, {capture::kMaxBlockRaw + sizeof(Event), 0}}) {
+  for (auto [raw, count] :
+       std::vector<std::pair<uint32_t, uint32_t>>{{2 * sizeof(Event), 3},
+                                                  {3 * sizeof(Event), 2},
+                                                  {0, 0},
+                                                  {0xffffffffu, 0x7fffffffu},
+                                                  {capture::kMaxBlockRaw + sizeof(Event), 0}}) {
     auto b = cat(h, block(1, 0, 0, events_payload(0, 2), raw, count));
     auto all = read(b);
     EXPECT_EQ(all.status.kind, ReadStatus::Kind::Corrupt) << raw << " " << count;
@@ -727,51 +731,58 @@ TEST(Capture, NotARegularFile) {
 // RLIMIT_FSIZE makes write() fail with EFBIG exactly as a full disk fails
 // with ENOSPC, without needing root or a small file system.
 TEST(Capture, DiskFullLeavesAValidFile) {
-  TempDir dir;
-  const std::string path = dir.file("full.cap");
-  int pipefd[2];
-  ASSERT_EQ(pipe(pipefd), 0);
-  const pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    signal(SIGXFSZ, SIG_IGN);
-    rlimit lim{100'000, 100'000};
-    setrlimit(RLIMIT_FSIZE, &lim);
-    WriterOptions opt;
-    opt.codec = Codec::None;
-    opt.block_events = 64;
-    auto w = CaptureWriter::create(path, make_info(), opt);
-    if (!w.ok()) _exit(2);
-    uint64_t i = 0;
-    while ((*w)->append(make_event(i))) ++i;
-    (*w)->close();
-    const std::string msg = (*w)->error() ? (*w)->error()->message : "";
-    uint64_t recs = (*w)->records();
-    if (write(pipefd[1], &recs, sizeof(recs)) != sizeof(recs)) _exit(3);
-    if (write(pipefd[1], msg.data(), msg.size()) < 0) _exit(3);
-    _exit(0);
-  }
-  close(pipefd[1]);
-  uint64_t recs = 0;
-  ASSERT_EQ(read(pipefd[0], &recs, sizeof(recs)), static_cast<ssize_t>(sizeof(recs)));
-  char buf[512] = {};
-  ASSERT_GT(read(pipefd[0], buf, sizeof(buf) - 1), 0);
-  close(pipefd[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  const std::string msg = buf;
-  EXPECT_NE(msg.find("File too large"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("valid up to record " + std::to_string(recs)), std::string::npos) << msg;
+  // Small blocks; and one block larger than the space left, which is then
+  // salvaged in smaller pieces.
+  for (uint32_t block_events : {64u, 4096u}) {
+    SCOPED_TRACE("block_events " + std::to_string(block_events));
+    TempDir dir;
+    const std::string path = dir.file("full.cap");
+    int pipefd[2];
+    ASSERT_EQ(pipe(pipefd), 0);
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      signal(SIGXFSZ, SIG_IGN);
+      rlimit lim{100'000, 100'000};
+      setrlimit(RLIMIT_FSIZE, &lim);
+      WriterOptions opt;
+      opt.codec = Codec::None;
+      opt.block_events = block_events;
+      auto w = CaptureWriter::create(path, make_info(), opt);
+      if (!w.ok()) _exit(2);
+      uint64_t i = 0;
+      while ((*w)->append(make_event(i))) ++i;
+      (*w)->close();
+      const std::string msg = (*w)->error() ? (*w)->error()->message : "";
+      uint64_t recs = (*w)->records();
+      if (write(pipefd[1], &recs, sizeof(recs)) != sizeof(recs)) _exit(3);
+      if (write(pipefd[1], msg.data(), msg.size()) < 0) _exit(3);
+      _exit(0);
+    }
+    close(pipefd[1]);
+    uint64_t recs = 0;
+    ASSERT_EQ(read(pipefd[0], &recs, sizeof(recs)), static_cast<ssize_t>(sizeof(recs)));
+    char buf[512] = {};
+    ASSERT_GT(read(pipefd[0], buf, sizeof(buf) - 1), 0);
+    close(pipefd[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    const std::string msg = buf;
+    EXPECT_NE(msg.find("File too large"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("valid up to record " + std::to_string(recs)), std::string::npos) << msg;
 
-  EXPECT_LE(fs::file_size(path), 100'000u);
-  auto r = CaptureReader::open(path);
-  ASSERT_TRUE(r.ok());
-  auto all = read_all(**r);
-  EXPECT_GT(recs, 0u);
-  EXPECT_TRUE(is_prefix(all.events, recs));
-  // The end marker fits once the partial block is cut off.
-  EXPECT_EQ(all.status.kind, ReadStatus::Kind::Clean) << all.status.message();
+    EXPECT_LE(fs::file_size(path), 100'000u);
+    auto r = CaptureReader::open(path);
+    ASSERT_TRUE(r.ok());
+    auto all = read_all(**r);
+    EXPECT_GT(recs, 0u);
+    EXPECT_TRUE(is_prefix(all.events, recs));
+    // Within a block of the limit: little is lost.
+    EXPECT_GT(recs * sizeof(Event), 100'000u - 64 * (sizeof(Event) + 64));
+    // The end marker fits once the partial block is cut off.
+    EXPECT_EQ(all.status.kind, ReadStatus::Kind::Clean) << all.status.message();
+  }
 }
 
 // ---- flight recorder --------------------------------------------------------------------
