@@ -370,16 +370,27 @@ static __always_inline void sock__read_queues(const struct sock *sk,
 		e->sk_flags |= TCPSCOPE_SK_HASHED;
 }
 
+/* Bytes one event takes in the ring: the record and its 8-byte header. */
+#define TCPSCOPE_RB_RECORD (sizeof(struct tcpscope_event) + 8)
+
 static __always_inline void ringbuf__emit(struct tcpscope_event *e)
 {
 	__u64 flags = 0;
 
 	e->ts_ns = bpf_ktime_get_boot_ns();
-	if (cfg_wakeup_bytes)
-		flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >=
-				cfg_wakeup_bytes
+	if (cfg_wakeup_bytes) {
+		/* Wake the consumer once, when this record takes the queue
+		 * across the threshold. Forcing a wake-up for every record
+		 * above it (the consumer is busy draining) costs a self-IPI
+		 * per event (irq_work; a VM exit in a guest): that was the
+		 * largest cost of the whole tracer under connection churn. */
+		__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+
+		flags = avail < cfg_wakeup_bytes &&
+				avail + TCPSCOPE_RB_RECORD >= cfg_wakeup_bytes
 			    ? BPF_RB_FORCE_WAKEUP
 			    : BPF_RB_NO_WAKEUP;
+	}
 	if (bpf_ringbuf_output(&events, e, sizeof(*e), flags))
 		drops__inc(TCPSCOPE_DROP_RINGBUF);
 }

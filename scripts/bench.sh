@@ -215,7 +215,7 @@ if [[ $MEMORY == 1 ]]; then
 	wait "$tracer_pid" || true
 	tracer_pid=
 	echo "  sockets in the namespace: $socks"
-	printf '  tcpscope RSS while holding: %.1f MiB, peak: %.1f MiB (limit 64 MiB)\n' \
-		"$(echo "$rss / 1024" | bc -l)" "$(echo "$hwm / 1024" | bc -l)"
+	awk -v r="$rss" -v h="$hwm" 'BEGIN {
+		printf "  tcpscope RSS while holding: %.1f MiB, peak: %.1f MiB (limit 64 MiB)\n", r / 1024, h / 1024 }'
 	grep -h 'stats:' "$OUT/stats" | sed 's/^/  /' || true
 fi

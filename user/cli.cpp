@@ -89,6 +89,13 @@ Result<Options> parse_command_line(int argc, char** argv) {
                                 "Seconds in CLOSE_WAIT after which a socket counts as stuck "
                                 "(close_wait_stuck, holders resolved); default 60")
                      ->check(CLI::Range(0.001, 1e6));
+  app.add_flag("--stats", o.trace.print_stats,
+               "At exit, print tcpscope's own overhead (events, lost, BPF ns per event, CPU "
+               "time, peak RSS) as one line on stderr");
+  bool no_bpf_stats = false;
+  app.add_flag("--no-bpf-stats", no_bpf_stats,
+               "Do not turn on the kernel's BPF run-time statistics (the stats record then has "
+               "no BPF figures)");
   app.add_flag("--info", info, "Print what the kernel supports and exit");
   auto* trace_cmd = app.add_subcommand("trace", "Live tracing (the default)");
   trace_cmd->fallthrough();
@@ -185,6 +192,12 @@ Result<Options> parse_command_line(int argc, char** argv) {
           return Error{opt->get_name() + " needs --ring (triggers drive the flight recorder)", 2};
     }
   }
+  for (const auto& name : o.disabled_features) {
+    if (KernelFeatures::is_known(name)) continue;
+    std::string known;
+    for (const auto& n : KernelFeatures::names()) known += (known.empty() ? "" : ", ") + n;
+    return Error{"--disable-feature " + name + ": unknown feature (one of: " + known + ")", 2};
+  }
   Filters& f = o.trace.filters;
   if (!netns.empty()) {
     auto r = resolve_netns(netns);
@@ -211,6 +224,7 @@ Result<Options> parse_command_line(int argc, char** argv) {
     return Error{"--ring-size " + ring_size + ": must be a power of two from 4K to 1G", 2};
   o.trace.ring_bytes = static_cast<uint32_t>(*bytes);
   o.trace.io_owner = !no_io;
+  o.trace.bpf_stats = !no_bpf_stats;
   o.trace.tw_timers = !no_tw_timers;
   if (tw_sweep_s > 0 && tw_sweep_s < 0.01)
     return Error{"--tw-sweep-interval: use 0 (off) or at least 0.01 s", 2};

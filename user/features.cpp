@@ -45,7 +45,7 @@ const std::vector<std::string>& KernelFeatures::names() {
   return kNames;
 }
 
-bool KernelFeatures::is_known(const std::string& name) const {
+bool KernelFeatures::is_known(const std::string& name) {
   for (const auto& n : names())
     if (n == name) return true;
   return false;

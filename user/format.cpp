@@ -38,12 +38,27 @@ std::string_view event_type_name(uint8_t type) {
     case TCPSCOPE_EV_RESET_RECEIVED: return "reset_received";
     case TCPSCOPE_EV_LOST: return "lost";
     case TCPSCOPE_EV_END: return "end";
+    case TCPSCOPE_EV_STATS: return "stats";
     default: return "unknown";
   }
 }
 
 AddrText format_addr(uint8_t family, const uint8_t* addr) {
   AddrText t;
+  if (family == 4) {
+    // Dotted quad by hand: inet_ntop goes through sprintf, a visible cost
+    // at several addresses per event.
+    char* p = t.buf.data();
+    for (int i = 0; i < 4; ++i) {
+      unsigned v = addr[i];
+      if (v >= 100) *p++ = static_cast<char>('0' + v / 100), v %= 100, *p++ = static_cast<char>('0' + v / 10);
+      else if (v >= 10) *p++ = static_cast<char>('0' + v / 10);
+      *p++ = static_cast<char>('0' + v % 10);
+      if (i < 3) *p++ = '.';
+    }
+    *p = '\0';
+    return t;
+  }
   const int af = family == 4 ? AF_INET : AF_INET6;
   if (!inet_ntop(af, addr, t.buf.data(), t.buf.size())) t.buf[0] = '\0';
   return t;

@@ -2,6 +2,7 @@
 
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -77,6 +78,46 @@ std::pair<uint16_t, uint16_t> read_port_range(const std::string& netns_path) {
   });
   t.join();
   return range;
+}
+
+// tcpscope's own cost so far: BPF run time, CPU time, peak RSS.
+Event overhead_record(const BpfTracer& tracer, uint64_t now, uint64_t lost) {
+  Event e{};
+  e.type = TCPSCOPE_EV_STATS;
+  e.ts_ns = now;
+  const BpfRunStats bpf = tracer.run_stats();
+  if (bpf.enabled) {
+    e.sk_flags = TCPSCOPE_STATS_BPF;
+    e.conn = bpf.runs;
+    e.aux = bpf.run_ns;
+  }
+  e.sk = tracer.events();
+  e.cgroup = lost;
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  auto ms = [](const timeval& tv) {
+    return static_cast<uint32_t>(std::min<uint64_t>(
+        static_cast<uint64_t>(tv.tv_sec) * 1000 + static_cast<uint64_t>(tv.tv_usec) / 1000,
+        UINT32_MAX));
+  };
+  e.reason = ms(ru.ru_utime);
+  e.seg_len = ms(ru.ru_stime);
+  e.rx_queue = static_cast<uint32_t>(ru.ru_maxrss);  // KiB
+  return e;
+}
+
+// --stats: one line on stderr, for scripts (scripts/bench.sh parses it).
+void print_overhead(const Event& s) {
+  const double per_event = s.sk ? static_cast<double>(s.aux) / static_cast<double>(s.sk) : 0;
+  const double per_run = s.conn ? static_cast<double>(s.aux) / static_cast<double>(s.conn) : 0;
+  const double cpu_per_event =
+      s.sk ? (static_cast<double>(s.reason) + s.seg_len) * 1e6 / static_cast<double>(s.sk) : 0;
+  fmt::print(stderr,
+             "tcpscope: stats: events {} lost {} bpf_runs {} bpf_ns {} bpf_ns_per_event {:.1f} "
+             "bpf_ns_per_run {:.1f} user_cpu_s {:.3f} sys_cpu_s {:.3f} cpu_ns_per_event {:.0f} "
+             "max_rss_kib {}{}\n",
+             s.sk, s.cgroup, s.conn, s.aux, per_event, per_run, s.reason / 1e3, s.seg_len / 1e3,
+             cpu_per_event, s.rx_queue, (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
 }
 
 class Fd {
@@ -166,7 +207,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   // Owners of socks that predate us are unknown: under a pid or cgroup
   // filter they cannot be attributed, so they are left out.
   const bool report_preexisting = !cfg_.filters.pid && !cfg_.filters.cgroup_id;
-  const bool snapshot = tracer.has_sock_iter() && report_preexisting && !getenv("TCPSCOPE_NOSNAP");
+  const bool snapshot = tracer.has_sock_iter() && report_preexisting;
   // Facts the analysis needs, as a record so that replays see them too.
   {
     const auto [lo, hi] = read_port_range(cfg_.netns_path);
@@ -308,6 +349,10 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   if (sweeping && rc == 0) run_sweep(false);  // what ended since the last pass
   const uint64_t end_ns = boottime_now_ns();
   check_lost(end_ns);
+  // Our own overhead, as a record: a capture's report shows it too.
+  const Event stats = overhead_record(tracer, end_ns, reported_lost);
+  consume(stats);
+  if (cfg_.print_stats) print_overhead(stats);
   Event end{};
   end.type = TCPSCOPE_EV_END;
   end.ts_ns = end_ns;

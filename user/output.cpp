@@ -12,7 +12,15 @@ namespace tcpscope {
 void json_escape(fmt::memory_buffer& out, std::string_view s) {
   static constexpr char kHex[] = "0123456789abcdef";
   out.push_back('"');
-  for (size_t i = 0; i < s.size(); ++i) {
+  // Fast path: nothing to escape (keys, names, most comms).
+  size_t plain = 0;
+  while (plain < s.size()) {
+    const auto c = static_cast<unsigned char>(s[plain]);
+    if (c < 0x20 || c >= 0x7f || c == '"' || c == '\\') break;
+    ++plain;
+  }
+  out.append(s.data(), s.data() + plain);
+  for (size_t i = plain; i < s.size(); ++i) {
     const auto c = static_cast<unsigned char>(s[i]);
     if (c == '"' || c == '\\') {
       out.push_back('\\');
@@ -76,12 +84,14 @@ void JsonWriter::value(bool b) {
 
 void JsonWriter::value_signed(int64_t v) {
   before_value();
-  fmt::format_to(std::back_inserter(out_), "{}", v);
+  const fmt::format_int f(v);
+  out_.append(f.data(), f.data() + f.size());
 }
 
 void JsonWriter::value_unsigned(uint64_t v) {
   before_value();
-  fmt::format_to(std::back_inserter(out_), "{}", v);
+  const fmt::format_int f(v);
+  out_.append(f.data(), f.data() + f.size());
 }
 
 void JsonWriter::value(double v) {
@@ -183,6 +193,44 @@ Identity identity_of(const Connection& c) {
 
 }  // namespace
 
+namespace {
+
+// The STATS record's derived figures.
+struct StatsView {
+  explicit StatsView(const Event& e)
+      : bpf((e.sk_flags & TCPSCOPE_STATS_BPF) != 0),
+        bpf_ns_per_event(e.sk ? static_cast<double>(e.aux) / static_cast<double>(e.sk) : 0),
+        bpf_ns_per_run(e.conn ? static_cast<double>(e.aux) / static_cast<double>(e.conn) : 0),
+        cpu_ns_per_event(e.sk ? (static_cast<double>(e.reason) + e.seg_len) * 1e6 /
+                                    static_cast<double>(e.sk)
+                              : 0) {}
+  bool bpf;
+  double bpf_ns_per_event, bpf_ns_per_run, cpu_ns_per_event;
+};
+
+void write_stats(JsonWriter& w, const Event& e) {
+  const StatsView v(e);
+  w.member("events", e.sk);
+  w.member("lost", e.cgroup);
+  if (v.bpf) {
+    w.member("bpf_runs", e.conn);
+    w.member("bpf_ns", e.aux);
+    w.member("bpf_ns_per_event", v.bpf_ns_per_event);
+    w.member("bpf_ns_per_run", v.bpf_ns_per_run);
+  } else {
+    for (const char* k : {"bpf_runs", "bpf_ns", "bpf_ns_per_event", "bpf_ns_per_run"}) {
+      w.key(k);
+      w.null();
+    }
+  }
+  w.member("user_cpu_s", e.reason / 1e3);
+  w.member("sys_cpu_s", e.seg_len / 1e3);
+  w.member("cpu_ns_per_event", v.cpu_ns_per_event);
+  w.member("max_rss_kib", static_cast<unsigned>(e.rx_queue));
+}
+
+}  // namespace
+
 // ---- JsonLinesSink ---------------------------------------------------------------
 
 void JsonLinesSink::write_start(uint64_t ts_ns,
@@ -204,7 +252,7 @@ bool is_public_record(uint8_t type) {
   // Resets come out as reset_sent/reset_received notices of the reset
   // analysis, which adds their cause.
   return type == TCPSCOPE_EV_STATE || type == TCPSCOPE_EV_RETRANSMIT ||
-         type == TCPSCOPE_EV_LOST;
+         type == TCPSCOPE_EV_LOST || type == TCPSCOPE_EV_STATS;
 }
 }  // namespace
 
@@ -215,6 +263,13 @@ void JsonLinesSink::on_event(const Tracked& t) {
   w.begin_object();
   w.member("type", event_type_name(e.type));
   w.member("time", time_.rfc3339(e.ts_ns));
+  if (e.type == TCPSCOPE_EV_STATS) {
+    write_stats(w, e);
+    w.end_object();
+    out_.buf().push_back('\n');
+    out_.maybe_flush();
+    return;
+  }
   if (e.type == TCPSCOPE_EV_LOST) {
     w.member("count", e.conn);
     w.end_object();
@@ -360,6 +415,16 @@ void TableSink::on_event(const Tracked& t) {
       fmt::format_to(o, "{} LOST {} events (ring buffer full)\n", time_.clock(e.ts_ns),
                      e.conn);
       break;
+    case TCPSCOPE_EV_STATS: {
+      const StatsView v(e);
+      fmt::format_to(o, "{} tcpscope overhead: {} events, {} lost", time_.clock(e.ts_ns),
+                     e.sk, e.cgroup);
+      if (v.bpf) fmt::format_to(o, ", BPF {:.1f} ns/event ({} runs, {:.1f} ns/run)",
+                                v.bpf_ns_per_event, e.conn, v.bpf_ns_per_run);
+      fmt::format_to(o, ", CPU user {:.3f} s sys {:.3f} s ({:.0f} ns/event), peak RSS {:.1f} MiB\n",
+                     e.reason / 1e3, e.seg_len / 1e3, v.cpu_ns_per_event, e.rx_queue / 1024.0);
+      break;
+    }
     default:
       return;
   }

@@ -48,21 +48,6 @@ uint64_t entry_time(const Connection& c, uint8_t state) {
   return 0;
 }
 
-Connection describe(const TupleKey& k, uint64_t conn, uint32_t pid,
-                    const std::array<char, 16>& comm) {
-  Connection c;
-  c.id = conn;
-  c.netns = k.netns;
-  c.family = k.family;
-  c.lport = k.lport;
-  c.rport = k.rport;
-  c.laddr = k.laddr;
-  c.raddr = k.raddr;
-  c.pid = pid;
-  c.comm = comm;
-  return c;
-}
-
 }  // namespace
 
 void ResetAnalyzer::count(std::map<std::string_view, uint64_t>& by, std::string_view cause) {
@@ -147,9 +132,9 @@ void ResetAnalyzer::on_reset_sent(const Tracked& t, NoticeOut& out) {
     cause = cause_without_socket(e, closed);
     if (closed) {
       since_close_ms = static_cast<int64_t>((e.ts_ns - closed->local_close_ns) / 1'000'000);
-      shown = describe(key, closed->conn, closed->pid, closed->comm);
+      shown = describe_connection(key, closed->conn, closed->pid, closed->comm);
     } else {
-      shown = describe(key, 0, 0, {});
+      shown = describe_connection(key, 0, 0, {});
     }
     identity = &shown;
   } else if (e.sk_flags & TCPSCOPE_SK_TIMEWAIT) {
@@ -160,9 +145,9 @@ void ResetAnalyzer::on_reset_sent(const Tracked& t, NoticeOut& out) {
     cause = e.seg_len > 0 ? std::string_view("data_after_close") : reason_cause(e.reason);
     if (closed) {
       since_close_ms = static_cast<int64_t>((e.ts_ns - closed->local_close_ns) / 1'000'000);
-      shown = describe(key, closed->conn, closed->pid, closed->comm);
+      shown = describe_connection(key, closed->conn, closed->pid, closed->comm);
     } else {
-      shown = describe(key, e.conn, 0, {});
+      shown = describe_connection(key, e.conn, 0, {});
     }
     identity = &shown;
   } else {
@@ -181,6 +166,14 @@ void ResetAnalyzer::on_reset_sent(const Tracked& t, NoticeOut& out) {
       default: cause = reason_cause(e.reason); break;
     }
     identity = t.conn;
+    if (t.conn && e.reason == 8) {
+      // TCP_ABORT_ON_DATA from FIN_WAIT1/2: tcp_reset() on our own socket
+      // fired tcp_receive_reset just before; no RST was received.
+      std::erase_if(pending_received_, [&](const PendingReceived& p) {
+        return p.conn.id == t.conn->id &&
+               (p.state == kTcpFinWait1 || p.state == kTcpFinWait2);
+      });
+    }
     if (t.conn) {
       // Remember it: later segments for this tuple are explained by it.
       auto it = closed_.find(TupleKey::of(*t.conn));

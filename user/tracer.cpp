@@ -197,6 +197,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     }
     t->links_.emplace_back(link);
     t->programs_.push_back(bpf_program__name(p));
+    t->prog_fds_.push_back(bpf_program__fd(p));
   }
 
   if (with_iter) {
@@ -205,6 +206,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     t->iter_link_.reset(link);
     t->netns_path_ = cfg.netns_path;
     t->programs_.push_back(bpf_program__name(s->progs.sock_iter));
+    t->prog_fds_.push_back(bpf_program__fd(s->progs.sock_iter));
   }
 
   // 5. ring buffer consumer
@@ -247,6 +249,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
     }
     if (r.ok()) {
       r.value()->fallbacks_ = fallbacks;
+      if (cfg.bpf_stats) r.value()->stats_ = std::make_unique<BpfStatsGuard>();
       return r;
     }
     last = r.error();
@@ -264,6 +267,7 @@ int BpfTracer::handle(void* ctx, void* data, size_t size) {
     ++self->malformed_;
     return 0;
   }
+  ++self->events_;
   // Ring buffer records are 8-byte aligned: the cast is safe.
   self->on_event_(*static_cast<const Event*>(data));
   return 0;
@@ -324,6 +328,57 @@ Result<size_t> BpfTracer::read_sockets(bool all, std::vector<SockRecord>& out) {
   }
   close(fd);
   return out.size();
+}
+
+namespace {
+constexpr const char* kStatsSysctl = "/proc/sys/kernel/bpf_stats_enabled";
+
+bool write_sysctl(const char* path, const char* value) {
+  const int fd = open(path, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = write(fd, value, std::strlen(value)) == static_cast<ssize_t>(std::strlen(value));
+  close(fd);
+  return ok;
+}
+}  // namespace
+
+BpfStatsGuard::BpfStatsGuard() {
+  fd_ = bpf_enable_stats(BPF_STATS_RUN_TIME);
+  if (fd_ >= 0) {
+    on_ = true;
+    return;
+  }
+  char cur = '0';
+  const int fd = open(kStatsSysctl, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  const bool got = read(fd, &cur, 1) == 1;
+  close(fd);
+  if (!got) return;
+  if (cur != '0') {
+    on_ = true;  // already on: leave it as it is
+    return;
+  }
+  on_ = restore_sysctl_ = write_sysctl(kStatsSysctl, "1");
+  if (!on_) spdlog::debug("BPF run-time statistics unavailable: {}", errno_text(errno));
+}
+
+BpfStatsGuard::~BpfStatsGuard() {
+  if (fd_ >= 0) close(fd_);
+  if (restore_sysctl_) write_sysctl(kStatsSysctl, "0");
+}
+
+BpfRunStats BpfTracer::run_stats() const {
+  BpfRunStats s;
+  if (!stats_ || !stats_->on()) return s;
+  s.enabled = true;
+  for (int fd : prog_fds_) {
+    bpf_prog_info info{};
+    uint32_t len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) continue;
+    s.runs += info.run_cnt;
+    s.run_ns += info.run_time_ns;
+  }
+  return s;
 }
 
 int BpfTracer::epoll_fd() const { return ring_buffer__epoll_fd(ring_.get()); }

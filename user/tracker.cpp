@@ -186,8 +186,9 @@ Tracked Tracker::apply(const Event& ev) {
     enforce_cap();
   }
 
-  // connect() reports SYN_SENT before it picks the local port.
-  if (c->lport == 0 && ev.lport != 0 && ev.type == TCPSCOPE_EV_STATE) {
+  // connect() reports SYN_SENT before it picks the local port; any later
+  // event of the socket (a RST received in SYN_SENT...) carries it.
+  if (c->lport == 0 && ev.lport != 0) {
     c->lport = ev.lport;
     std::memcpy(c->laddr.data(), ev.laddr, c->laddr.size());
   }

@@ -118,7 +118,21 @@ enum tcpscope_event_type {
 				     seg_len = processes read, reason =
 				     sockets searched, rx_queue = sockets
 				     found held, tx_queue = steps */
+	TCPSCOPE_EV_STATS = 32,	   /* tcpscope's own overhead, once at the end
+				     of a live trace (before END), so that
+				     `report` of a capture prints what live
+				     printed: conn = runs of our BPF programs,
+				     aux = ns spent in them (bpf_prog_info
+				     run_cnt/run_time_ns; both 0 unless
+				     sk_flags has TCPSCOPE_STATS_BPF), sk =
+				     records the ring buffer delivered, cgroup
+				     = events lost, reason/seg_len = user/
+				     system CPU time of tcpscope in ms,
+				     rx_queue = its peak RSS in KiB */
 };
+
+/* Bits of the STATS record's sk_flags. */
+#define TCPSCOPE_STATS_BPF 1 /* BPF run-time statistics were on */
 
 /* Which text a TCPSCOPE_EV_PROC_TEXT record carries. */
 enum tcpscope_proc_text {

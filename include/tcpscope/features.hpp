@@ -20,7 +20,7 @@ class KernelFeatures {
   static const std::vector<std::string>& names();
 
   void disable(const std::string& name) { disabled_.insert(name); }
-  bool is_known(const std::string& name) const;
+  static bool is_known(const std::string& name);
 
   bool btf();            // /sys/kernel/btf/vmlinux parses
   bool ringbuf();        // BPF_MAP_TYPE_RINGBUF (5.8)

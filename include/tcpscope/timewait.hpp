@@ -34,6 +34,10 @@ struct TupleKeyHash {
   size_t operator()(const TupleKey& k) const;
 };
 
+// A connection as notices show it, for one the tracker no longer holds.
+Connection describe_connection(const TupleKey& k, uint64_t conn, uint32_t pid,
+                               const std::array<char, 16>& comm);
+
 // Diffs successive iter/tcp passes over timewait socks into records.
 class TimeWaitSweep {
  public:
@@ -139,7 +143,20 @@ class TimeWaitAnalyzer final : public Analyzer {
   void on_tw_seen(const Event& e);
   void on_tw_gone(const Event& e, NoticeOut& out);
   void on_new_connection(const Tracked& t, NoticeOut& out);
+  void on_reset_sent(const Event& e, NoticeOut& out);
+  // A FIN_WAIT2/CLOSING -> CLOSE with no tw timer armed (timers traced):
+  // no TIME_WAIT, unless the connection sends a RST in the same instant
+  // (an abort, not an overflow). Decided once kUnarmedWaitNs passed.
+  struct Unarmed {
+    Connection conn;  // copy: the tracker may finish it meanwhile
+    uint64_t close_ns = 0;
+    bool fin_received = false, rst_sent = false;
+  };
+  static constexpr uint64_t kUnarmedWaitNs = 1'000'000;
+  std::deque<Unarmed> unarmed_;
+  void settle_unarmed(uint64_t now_ns, NoticeOut& out);
   TupleKey endpoint_key(const TupleKey& t, bool client) const;
+  static TupleKey remote_key(const TupleKey& t);
   bool is_ephemeral(uint16_t port) const {
     return port_lo_ && port >= port_lo_ && port <= port_hi_;
   }

@@ -41,6 +41,8 @@ struct TraceConfig {
   bool tw_timers = true;                 // trace tw socks by their timer
   uint32_t tw_sweep_ms = 1000;           // TIME_WAIT sweep period, 0 = off
   std::string netns_path;                // --netns as a path, if given
+  bool bpf_stats = true;                 // measure our BPF run time (BPF_ENABLE_STATS)
+  bool print_stats = false;              // --stats: overhead summary on stderr at exit
   uint64_t close_wait_threshold_ns = 60'000'000'000ull;  // CLOSE_WAIT is stuck past it
 };
 
@@ -59,6 +61,33 @@ struct LinkDeleter {
 };
 struct RingDeleter {
   void operator()(ring_buffer* r) const;
+};
+
+// Turns on the kernel's BPF run-time statistics (bpf_prog_info run_cnt and
+// run_time_ns) for as long as it lives: BPF_ENABLE_STATS, whose fd the kernel
+// drops with the process however it ends, so kernel.bpf_stats_enabled is
+// never touched; on kernels without it (< 5.8), the sysctl, restored by the
+// destructor (the live loop ends on SIGINT/SIGTERM through a signalfd, so
+// destructors run).
+class BpfStatsGuard {
+ public:
+  BpfStatsGuard();
+  ~BpfStatsGuard();
+  BpfStatsGuard(const BpfStatsGuard&) = delete;
+  BpfStatsGuard& operator=(const BpfStatsGuard&) = delete;
+  bool on() const { return on_; }
+
+ private:
+  int fd_ = -1;
+  bool on_ = false;
+  bool restore_sysctl_ = false;
+};
+
+// Run time of our BPF programs, summed (valid only if enabled).
+struct BpfRunStats {
+  bool enabled = false;
+  uint64_t runs = 0;    // program invocations (run_cnt)
+  uint64_t run_ns = 0;  // time spent in them (run_time_ns)
 };
 
 class BpfTracer {
@@ -84,6 +113,10 @@ class BpfTracer {
   uint64_t drops(int kind) const;
   // Records the ring buffer delivered with a size other than Event's.
   uint64_t malformed() const { return malformed_; }
+  // Records delivered by the ring buffer so far.
+  uint64_t events() const { return events_; }
+  // Our programs' BPF run time so far (bpf_prog_info), if stats are on.
+  BpfRunStats run_stats() const;
 
   // TW_START/CANCEL/EXPIRE records are produced (exact TIME_WAIT).
   bool tw_timers_on() const { return tw_timers_on_; }
@@ -110,6 +143,9 @@ class BpfTracer {
   std::vector<std::string> fallbacks_;
   EventFn on_event_;
   uint64_t malformed_ = 0;
+  uint64_t events_ = 0;
+  std::vector<int> prog_fds_;  // attached programs (owned by skel_)
+  std::unique_ptr<BpfStatsGuard> stats_;
   bool tw_timers_on_ = false;
   int ncpus_ = 1;
 };

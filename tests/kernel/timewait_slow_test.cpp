@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cstdio>
 
 #include "harness.hpp"
 
@@ -103,6 +104,8 @@ TEST_F(TimeWaitSlowTest, RealExpiryAfterSixtySecondsBothModes) {
     EXPECT_EQ(e.value("substate", ""), "TIME_WAIT") << e.dump();
     EXPECT_EQ(e.value("method", ""), w.method) << e.dump();
     const int64_t ms = e.value("duration_ms", int64_t{-1});
+    std::printf("%s mode: TIME_WAIT of %d->%d ended %s after %lld ms\n", w.method, s.sport,
+                s.cport, e.value("cause", "?").c_str(), static_cast<long long>(ms));
     EXPECT_GE(ms, w.lo) << e.dump();
     EXPECT_LE(ms, w.hi) << e.dump();
 

@@ -146,11 +146,6 @@ class TimeWaitTest : public KernelTest, public ::testing::WithParamInterface<Mod
     EXPECT_TRUE(tracer.bad_lines().empty()) << tracer.diagnostics();
     EXPECT_TRUE(tracer.events("lost").empty()) << tracer.diagnostics();
     json report = tracer.report();
-    if (const char* d = std::getenv("TW_DUMP")) {  // DEBUG-REMOVE
-      FILE* f = std::fopen(d, "w");
-      for (const auto& l : tracer.lines()) std::fprintf(f, "%s\n", l.dump().c_str());
-      std::fclose(f);
-    }
     EXPECT_EQ(report.at("lost_events"), 0);
     const json& m = report.at("time_wait").at("end_method");
     EXPECT_EQ(m.at("method"), mode_name(GetParam())) << m.dump();
