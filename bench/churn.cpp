@@ -15,8 +15,11 @@
 #include <netinet/tcp.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
+#include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -120,19 +123,20 @@ int run_churn(const Args& a) {
   return 0;
 }
 
-// N open connections (client and server side) plus M TIME_WAITs.
+// N open connections (client and server side) plus M TIME_WAITs. The fd
+// limit may not be raisable (no CAP_SYS_RESOURCE): children hold the open
+// connections, each as many as its limit allows.
 int run_hold(const Args& a) {
   rlimit rl{};
-  rl.rlim_cur = rl.rlim_max = static_cast<rlim_t>(2 * a.hold + 4096);
-  if (setrlimit(RLIMIT_NOFILE, &rl) != 0) die("setrlimit(RLIMIT_NOFILE)");
+  getrlimit(RLIMIT_NOFILE, &rl);
+  rl.rlim_cur = rl.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &rl);
+  const long per_child = std::max<long>(1, (static_cast<long>(rl.rlim_cur) - 64) / 2);
   // One listener per 127.0.0.x: each destination has its own port space.
   constexpr long kPerAddr = 50000;
   const int naddr = static_cast<int>((a.hold + a.time_wait) / kPerAddr + 1);
   std::vector<int> listeners;
   for (int i = 0; i < naddr; ++i) listeners.push_back(listen_on(INADDR_LOOPBACK + i, a.port));
-  std::vector<int> fds;
-  fds.reserve(static_cast<size_t>(2 * a.hold));
-  long made = 0;
   auto open_one = [&](long i) -> std::pair<int, int> {
     const int l = static_cast<int>(i / kPerAddr);
     const int c = connect_to(INADDR_LOOPBACK + l, a.port);
@@ -141,14 +145,33 @@ int run_hold(const Args& a) {
     if (s < 0) die("accept");
     return {c, s};
   };
-  for (long i = 0; i < a.hold; ++i, ++made) {
-    auto [c, s] = open_one(made);
-    fds.push_back(c);
-    fds.push_back(s);
+  std::vector<pid_t> children;
+  int ready[2];
+  if (pipe(ready) != 0) die("pipe");
+  for (long first = 0; first < a.hold; first += per_child) {
+    const long n = std::min(per_child, a.hold - first);
+    const pid_t pid = fork();
+    if (pid < 0) die("fork");
+    if (pid == 0) {
+      close(ready[0]);
+      std::vector<int> fds;
+      for (long i = first; i < first + n; ++i) {
+        auto [c, s] = open_one(i);
+        fds.push_back(c);
+        fds.push_back(s);
+      }
+      const char b = 1;
+      if (write(ready[1], &b, 1) != 1) _exit(1);
+      pause();  // the parent kills us
+      _exit(0);
+    }
+    children.push_back(pid);
+    char b;
+    if (read(ready[0], &b, 1) != 1) die("child");
   }
   char buf[16];
-  for (long i = 0; i < a.time_wait; ++i, ++made) {
-    auto [c, s] = open_one(made);
+  for (long i = 0; i < a.time_wait; ++i) {
+    auto [c, s] = open_one(a.hold + i);
     close(s);  // server first: its side ends in TIME_WAIT
     while (recv(c, buf, sizeof(buf), 0) > 0) {
     }
@@ -157,7 +180,8 @@ int run_hold(const Args& a) {
   std::printf("holding %ld connections, %ld time_wait\n", a.hold, a.time_wait);
   std::fflush(stdout);
   std::this_thread::sleep_for(std::chrono::duration<double>(a.seconds));
-  for (int fd : fds) close(fd);
+  for (pid_t pid : children) kill(pid, SIGKILL);
+  for (pid_t pid : children) waitpid(pid, nullptr, 0);
   for (int fd : listeners) close(fd);
   return 0;
 }

@@ -117,9 +117,11 @@ start_tracer() {
 	fi
 }
 
-# Stops it; prints "cpu_s rss_kib lost bpf_ns_per_event".
+# Stops it; sets st="cpu_s rss_kib lost bpf_ns_per_event" (not in a
+# subshell: wait needs the tracer to be our child).
 stop_tracer() {
-	[[ -z $tracer_pid ]] && { echo "- - - -"; return; }
+	st="- - - -"
+	[[ -z $tracer_pid ]] && return
 	local stat hwm ticks
 	stat=$(cat "/proc/$tracer_pid/stat")
 	hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$tracer_pid/status")
@@ -131,7 +133,7 @@ stop_tracer() {
 	cpu=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}')
 	lost=$(sed -n 's/.* lost \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
 	bpf=$(sed -n 's/.* bpf_ns_per_event \([0-9.]*\).*/\1/p' "$OUT/stats" | tail -1)
-	echo "$cpu $hwm ${lost:--} ${bpf:--}"
+	st="$cpu $hwm ${lost:--} ${bpf:--}"
 }
 
 run_one() {
@@ -141,8 +143,7 @@ run_one() {
 	local line rate
 	line=$(ip netns exec "$ns" "$churn" --seconds "$SECS" --clients "$CLIENTS" --servers "$SERVERS")
 	rate=$(echo "$line" | awk '{print $6}')
-	local st
-	st=$(stop_tracer)
+	stop_tracer
 	printf '%s\t%s\t%s\t%s\n' "$round" "$mode" "$rate" "${st// /$'\t'}" >>"$results"
 	printf 'round %s %-20s %8s conn/s  cpu_s/rss_kib/lost/bpf_ns %s\n' "$round" "$mode" "$rate" "$st" >&2
 	ip netns del "$ns"
@@ -196,7 +197,6 @@ if [[ $MEMORY == 1 ]]; then
 	echo
 	echo "Memory: tcpscope --json --netns while $HOLD connections are open and $TW in TIME_WAIT"
 	make_netns $((TW * 2))
-	ulimit -n $((2 * HOLD + 4096))
 	"$tcpscope" --json --netns "/run/netns/$ns" --stats >/dev/null 2>"$OUT/stats" &
 	tracer_pid=$!
 	sleep "$WARMUP"

@@ -75,17 +75,21 @@ Result<Options> parse_command_line(int argc, char** argv) {
       ->check(CLI::Range(1024u, 16u << 20));
   app.add_flag("--no-io-owner", no_io,
                "Do not refine owners on first send/recv (saves a probe per send/recv)");
-  double tw_sweep_s = 1.0;
+  // Sweeps decide TIME_WAIT ends only without the tw timers; with them they
+  // are a safety net (and find tw socks that predate the trace), and at
+  // 100,000 tw socks a pass costs ~80 ms: every 10 s then.
+  double tw_sweep_s = -1;
   app.add_option("--tw-sweep-interval", tw_sweep_s,
-                 "Seconds between TIME_WAIT sweeps (iter/tcp); bounds the error of TIME_WAIT "
-                 "end times; 0 = no sweeps")
+                 "Seconds between TIME_WAIT sweeps (iter/tcp); bound the error of TIME_WAIT "
+                 "end times without the tw timers; 0 = no sweeps (default 1, or 10 with the "
+                 "tw timers)")
       ->check(CLI::Range(0.0, 3600.0));
   bool no_tw_timers = false;
   app.add_flag("--no-tw-timers", no_tw_timers,
                "Do not trace timewait timers (saves a probe per kernel timer start; TIME_WAIT "
                "entries and ends then come from sweeps only)");
   double close_wait_s = 60;
-  auto* cw_opt = app.add_option("--close-wait-threshold", close_wait_s,
+  app.add_option("--close-wait-threshold", close_wait_s,
                                 "Seconds in CLOSE_WAIT after which a socket counts as stuck "
                                 "(close_wait_stuck, holders resolved); default 60")
                      ->check(CLI::Range(0.001, 1e6));
@@ -122,14 +126,12 @@ Result<Options> parse_command_line(int argc, char** argv) {
   auto* t_fin = record_cmd->add_flag("--trigger-late-fin", r.trigger_late_fin,
                                      "Dump when a late FIN is answered with a RST");
   auto* t_cw = record_cmd->add_option("--trigger-close-wait", r.trigger_close_wait,
-                                      "Dump when N connections are stuck in CLOSE_WAIT")
+                                      "Dump when N connections are stuck in CLOSE_WAIT (past "
+                                      "--close-wait-threshold)")
                    ->check(CLI::Range(1u, 100000000u));
   auto* t_tw = record_cmd->add_option("--trigger-time-wait", r.trigger_time_wait,
                                       "Dump when more than N TIME_WAIT sockets exist")
                    ->check(CLI::Range(1u, 100000000u));
-  auto* t_age = record_cmd->add_option("--trigger-close-wait-age", r.close_wait_threshold_s,
-                                       "Seconds in CLOSE_WAIT that count as stuck (default 60)")
-                    ->check(CLI::PositiveNumber);
   auto* t_delay = record_cmd->add_option("--trigger-delay", r.trigger_delay_s,
                                          "Seconds to keep recording after a trigger (default 1)")
                       ->check(CLI::NonNegativeNumber);
@@ -187,7 +189,7 @@ Result<Options> parse_command_line(int argc, char** argv) {
       if (!max_size.empty())
         return Error{"--max-size does not apply to --ring (each dump is one file)", 2};
     } else {
-      for (auto* opt : {t_fin, t_cw, t_tw, t_age, t_delay, t_cool})
+      for (auto* opt : {t_fin, t_cw, t_tw, t_delay, t_cool})
         if (opt->count())
           return Error{opt->get_name() + " needs --ring (triggers drive the flight recorder)", 2};
     }
@@ -226,12 +228,11 @@ Result<Options> parse_command_line(int argc, char** argv) {
   o.trace.io_owner = !no_io;
   o.trace.bpf_stats = !no_bpf_stats;
   o.trace.tw_timers = !no_tw_timers;
+  if (tw_sweep_s < 0) tw_sweep_s = no_tw_timers ? 1.0 : 10.0;
   if (tw_sweep_s > 0 && tw_sweep_s < 0.01)
     return Error{"--tw-sweep-interval: use 0 (off) or at least 0.01 s", 2};
   o.trace.tw_sweep_ms = static_cast<uint32_t>(tw_sweep_s * 1000);
   o.trace.close_wait_threshold_ns = static_cast<uint64_t>(close_wait_s * 1e9);
-  // The flight recorder's CLOSE_WAIT trigger counts stuck sockets the same way.
-  if (cw_opt->count() && !t_age->count()) r.close_wait_threshold_s = close_wait_s;
   return o;
 }
 

@@ -21,7 +21,6 @@ struct RecordOptions {
   bool trigger_late_fin = false;  // dump on a late FIN answered with a RST
   uint32_t trigger_close_wait = 0;  // dump at N stuck CLOSE_WAITs
   uint32_t trigger_time_wait = 0;   // dump when TIME_WAIT count exceeds N
-  double close_wait_threshold_s = 60;
   double trigger_delay_s = 1;       // keep recording this long after a trigger
   double trigger_cooldown_s = 60;   // ignore triggers this long after a dump
 };

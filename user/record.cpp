@@ -138,7 +138,6 @@ class FlightRecorder {
         monitor_(TriggerConfig{
             .late_fin_rst = o.record.trigger_late_fin,
             .close_wait_stuck = o.record.trigger_close_wait,
-            .close_wait_threshold_ns = static_cast<uint64_t>(o.record.close_wait_threshold_s * 1e9),
             .time_wait_over = o.record.trigger_time_wait,
         }) {}
 
@@ -149,12 +148,8 @@ class FlightRecorder {
     if (auto reason = monitor_.observe(ev)) arm(*reason, boottime_now_ns());
   }
 
-  // Periodic: count triggers, and a due dump.
+  // Periodic: a due dump.
   void tick(uint64_t now) {
-    if (now >= next_check_) {
-      if (auto reason = monitor_.check(now)) arm(*reason, now);
-      next_check_ = now + 1'000'000'000;
-    }
     if (pending_ && now >= due_) {
       dump(*pending_, now);
       pending_.reset();
@@ -209,7 +204,7 @@ class FlightRecorder {
   TriggerMonitor monitor_;
   std::optional<Event> config_;
   std::optional<std::string> pending_;
-  uint64_t due_ = 0, cooldown_until_ = 0, next_check_ = 0;
+  uint64_t due_ = 0, cooldown_until_ = 0;
   uint32_t dumps_ = 0;
 };
 

@@ -689,7 +689,7 @@ void TimeWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
   w.member("method", timers_ ? "timer" : sweeps_ ? "sweep" : "none");
   w.member("entry", timers_ ? "timer" : sweeping_ ? "sweep" : "assumed");
   w.member("sweep_interval_ms", static_cast<uint64_t>(sweep_interval_ms_));
-  w.member("max_error_ms", static_cast<uint64_t>(sweep_interval_ms_ / 2));
+  w.member("max_error_ms", static_cast<uint64_t>(timers_ ? 0 : sweep_interval_ms_ / 2));
   w.member("sweeps", sweeps_);
   w.member("sweep_avg_us", sweeps_ ? sweep_ns_total_ / sweeps_ / 1000 : 0);
   w.member("sweep_max_us", sweep_ns_max_ / 1000);

@@ -121,6 +121,8 @@ class CloseWaitAnalyzer final : public Analyzer {
                   const TextStyle& style) const override;
 
   uint64_t threshold_ns() const { return threshold_ns_; }
+  // Sockets past the threshold and still in CLOSE_WAIT.
+  size_t stuck_open_count() const { return stuck_open_.size(); }
 
   struct Proc {
     uint32_t pid = 0;

@@ -75,10 +75,10 @@ enum tcpscope_event_type {
 				     CLOSE_WAIT is at least that old (the
 				     peer's FIN carried an ACK); sk_flags =
 				     TCPSCOPE_SK_SNAPSHOT */
-	TCPSCOPE_EV_TICK = 23,	   /* time passes (no payload): sent while
-				     CLOSE_WAIT sockets are tracked, so that a
-				     threshold crossing is seen without other
-				     traffic */
+	TCPSCOPE_EV_TICK = 23,	   /* time passes (no payload), every 100-250
+				     ms: decisions that wait on event time (a
+				     CLOSE_WAIT crossing, a cancelled tw timer's
+				     cause) are made without other traffic */
 	TCPSCOPE_EV_PROC = 24,	   /* a process that holds a socket, as /proc
 				     showed it: pid = tgid, comm, cgroup = its
 				     cgroup v2 id (0 unknown), aux = its start

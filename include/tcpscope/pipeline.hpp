@@ -106,6 +106,13 @@ class Pipeline : private NoticeOut {
                          const TextStyle& style) const;
 
   const Tracker& tracker() const { return tracker_; }
+  // The first analyzer of type T, or null.
+  template <typename T>
+  const T* find() const {
+    for (const auto& a : analyzers_)
+      if (const auto* p = dynamic_cast<const T*>(a.get())) return p;
+    return nullptr;
+  }
   uint64_t events() const { return events_; }
 
  private:

@@ -1,16 +1,19 @@
 // Flight recorder parts: a bounded in-memory ring of the last events, and the
-// triggers that decide when to write it out. Both work on raw events and
-// event time only (no BPF), so they are unit-tested with synthetic events.
+// triggers that decide when to write it out. Both work on records and event
+// time only (no BPF), so they are unit-tested with synthetic events.
 #pragma once
 
-#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "tcpscope/closewait.hpp"
 #include "tcpscope/event.hpp"
+#include "tcpscope/pipeline.hpp"
+#include "tcpscope/resets.hpp"
+#include "tcpscope/timewait.hpp"
 
 namespace tcpscope {
 
@@ -49,62 +52,37 @@ class EventRing {
 };
 
 struct TriggerConfig {
-  bool late_fin_rst = false;                          // a late FIN answered with a RST
-  uint32_t close_wait_stuck = 0;                      // this many stuck CLOSE_WAITs; 0 = off
-  uint64_t close_wait_threshold_ns = 60'000'000'000;  // when one counts as stuck
-  uint32_t time_wait_over = 0;                        // more TIME_WAIT socks than this; 0 = off
-  uint64_t time_wait_len_ns = 60'000'000'000;         // TCP_TIMEWAIT_LEN
-  size_t close_wait_capacity = 1u << 16;              // CLOSE_WAITs tracked at once
+  bool late_fin_rst = false;      // a late FIN or data answered with a RST
+  uint32_t close_wait_stuck = 0;  // this many stuck CLOSE_WAITs; 0 = off
+  uint32_t time_wait_over = 0;    // more TIME_WAIT socks than this; 0 = off
 };
 
-// Watches raw events for trigger conditions. The count triggers fire on the
-// edge (when the count crosses the limit) and re-arm when it drops back, so a
-// host that stays bad does not fire on every event.
-//
-// TIME_WAIT: the tracepoints do not show a timewait sock's end, so the count
-// is the timewait socks created in the last TCP_TIMEWAIT_LEN (a FIN_WAIT2 or
-// CLOSING -> CLOSE transition of a socket no longer hashed: tcp_time_wait()
-// put a timewait sock in its place). CLOSE_WAIT: sockets that entered
-// CLOSE_WAIT, have not left it, and entered it at least the threshold ago.
+// Decides when the flight recorder writes its ring. It runs the same
+// analysis as `trace` on the records it sees, so a trigger means exactly what
+// the report would say: a late_fin_resets entry, a CLOSE_WAIT past
+// --close-wait-threshold (the CONFIG record's), a TIME_WAIT count from the tw
+// timers or sweeps. Count triggers fire on the edge and re-arm when the count
+// drops back to the limit, so a host that stays bad does not fire on every
+// event.
 class TriggerMonitor {
  public:
   explicit TriggerMonitor(TriggerConfig cfg);
 
-  // Feeds one record; returns the trigger reason if it fires one.
+  // Feeds one record (not END); returns the trigger reason if one fires.
   std::optional<std::string> observe(const Event& ev);
-  // The time-based checks at now_ns (CLOCK_BOOTTIME); call about once a second.
-  std::optional<std::string> check(uint64_t now_ns);
 
-  uint32_t time_wait_count(uint64_t now_ns) const;
-  uint32_t close_wait_stuck(uint64_t now_ns) const;
-  size_t close_wait_tracked() const { return cw_size_; }
-  uint64_t close_wait_overflow() const { return cw_overflow_; }
-
-  static bool is_late_fin_rst(const Event& ev);
-  static bool is_time_wait_entry(const Event& ev);
+  size_t time_wait_open() const;
+  size_t close_wait_stuck() const;
+  size_t late_fin_resets() const;
 
  private:
-  struct Slot {
-    uint64_t key = 0;  // 0 = empty
-    uint64_t since_ns = 0;
-  };
-  void cw_insert(uint64_t key, uint64_t ts);
-  void cw_erase(uint64_t key);
-  size_t cw_find(uint64_t key) const;  // index or capacity if absent
-
   TriggerConfig cfg_;
-  // TIME_WAIT entries per second of event time, over the last window.
-  static constexpr size_t kBuckets = 64;
-  std::array<uint32_t, kBuckets> tw_count_{};
-  std::array<uint64_t, kBuckets> tw_sec_{};
-  bool tw_fired_ = false;
-  // Open-addressing table of connections in CLOSE_WAIT (no allocation after
-  // construction).
-  std::vector<Slot> cw_;
-  size_t cw_size_ = 0;
-  uint64_t cw_overflow_ = 0;
-  bool cw_fired_ = false;
-  uint64_t last_ns_ = 0;
+  Pipeline pipeline_;
+  const TimeWaitAnalyzer* tw_ = nullptr;
+  const ResetAnalyzer* resets_ = nullptr;
+  const CloseWaitAnalyzer* cw_ = nullptr;
+  size_t late_seen_ = 0;
+  bool tw_fired_ = false, cw_fired_ = false;
 };
 
 }  // namespace tcpscope

@@ -24,6 +24,8 @@ class ResetAnalyzer final : public Analyzer {
   ResetAnalyzer(const TimeWaitAnalyzer* tw, int top_n) : tw_(tw), top_n_(top_n) {}
 
   void on_event(const Tracked& t, NoticeOut& out) override;
+  // RSTs that answered a late FIN or data so far (listed or not).
+  size_t late_fin_count() const { return late_fins_.size() + late_fins_dropped_; }
   void write_json(JsonWriter& w, TimeFormatter& time) const override;
   void write_text(fmt::memory_buffer& out, TimeFormatter& time,
                   const TextStyle& style) const override;

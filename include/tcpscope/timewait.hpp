@@ -87,6 +87,8 @@ class TimeWaitAnalyzer final : public Analyzer {
   };
   // Null if the tuple had no TIME_WAIT decision recently (10 minutes).
   const FateInfo* fate(const TupleKey& tuple) const;
+  // Timewait socks open now.
+  size_t open_count() const { return open_.size(); }
 
  private:
   struct Tw {

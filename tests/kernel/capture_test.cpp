@@ -284,7 +284,7 @@ TEST_F(CaptureKernel, FlightRecorderCountTriggers) {
   Tracer rec;
   ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--ring",
                              "1M", "--trigger-time-wait", "2", "--trigger-close-wait", "1",
-                             "--trigger-close-wait-age", "1", "--trigger-delay", "0",
+                             "--close-wait-threshold", "1", "--trigger-delay", "0",
                              "--trigger-cooldown", "0"}))
       << rec.diagnostics();
   for (int i = 0; i < 3; ++i) make_connection(ns, ConnSpec{});
