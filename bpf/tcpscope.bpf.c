@@ -25,6 +25,14 @@ char LICENSE[] SEC("license") = "GPL";
 #define SEND_SHUTDOWN 2
 #define PF_KTHREAD 0x00200000
 
+/* Reads one field of a kernel object. Through a BTF-typed pointer (tp_btf
+ * and iterator arguments) it is a plain load, checked by the verifier and
+ * relocated by CO-RE; through an untyped one (raw_tp, classic tracepoints)
+ * it takes bpf_probe_read_kernel(). `btf` is a constant in every entry
+ * point, so each program keeps only its own branch: the helper calls were
+ * most of the handlers' cost. */
+#define KREAD(btf, ptr, field) ((btf) ? (ptr)->field : BPF_CORE_READ(ptr, field))
+
 /* Configuration: written by user space between open and load. */
 const volatile __u32 cfg_netns = 0;	   /* netns inode, 0 = any */
 const volatile __u64 cfg_cgroup = 0;	   /* cgroup v2 id, 0 = any */
@@ -146,26 +154,28 @@ static __always_inline void addr__unmap_v4(__u8 *a)
 /* Fills family, ports, addresses and netns from a socket (full, timewait
  * or request sock: all start with sock_common). */
 static __always_inline void sock__read_tuple(const struct sock *sk,
-					     struct tcpscope_event *e)
+					     struct tcpscope_event *e, bool btf)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = KREAD(btf, sk, __sk_common.skc_family);
 
-	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->lport = KREAD(btf, sk, __sk_common.skc_num);
 	if (!e->lport) {
 		/* Closing releases the port binding (inet_num = 0) before
 		 * the CLOSE transition is reported; inet_sport keeps it. Only
-		 * full sockets have it: tw and request socks keep skc_num. */
-		__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
+		 * full sockets have it: tw and request socks keep skc_num.
+		 * (Outside struct sock: always a probe read.) */
+		__u8 state = KREAD(btf, sk, __sk_common.skc_state);
 
 		if (state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV)
 			e->lport = bpf_ntohs(BPF_CORE_READ(
 				(const struct inet_sock *)sk, inet_sport));
 	}
-	e->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	e->rport = bpf_ntohs(KREAD(btf, sk, __sk_common.skc_dport));
+	e->netns = btf ? sk->__sk_common.skc_net.net->ns.inum
+		       : BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	if (family == AF_INET) {
-		__u32 laddr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__u32 raddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__u32 laddr = KREAD(btf, sk, __sk_common.skc_rcv_saddr);
+		__u32 raddr = KREAD(btf, sk, __sk_common.skc_daddr);
 
 		e->family = 4;
 		__builtin_memcpy(e->laddr, &laddr, 4);
@@ -247,11 +257,12 @@ static __always_inline bool filter__match_cgroup(const struct sock *sk)
 	}
 }
 
-static __always_inline bool task__is_kthread(void)
+static __always_inline bool task__is_kthread(bool btf)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-
-	return BPF_CORE_READ(task, flags) & PF_KTHREAD;
+	if (btf)
+		return bpf_get_current_task_btf()->flags & PF_KTHREAD;
+	return BPF_CORE_READ((struct task_struct *)bpf_get_current_task(), flags) &
+	       PF_KTHREAD;
 }
 
 static __always_inline void owner__from_current(__u32 *pid, char *comm)
@@ -310,7 +321,7 @@ sock__track(const struct sock *sk, struct tcpscope_event *e, bool btf,
 	__u64 key = (__u64)sk;
 	struct sock_info *info = bpf_map_lookup_elem(&socks, &key);
 	bool syscall = state__is_syscall(oldstate, newstate) &&
-		       !task__is_kthread();
+		       !task__is_kthread(btf);
 
 	if (!info) {
 		struct sock_info fresh = {};
@@ -354,20 +365,30 @@ sock__track(const struct sock *sk, struct tcpscope_event *e, bool btf,
 }
 
 static __always_inline void sock__read_queues(const struct sock *sk,
-					      struct tcpscope_event *e)
+					      struct tcpscope_event *e, bool btf)
 {
-	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	__u8 shutdown;
 
-	e->rx_queue = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
-	e->tx_queue = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_una);
-	shutdown = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
+	if (btf) {
+		/* tcp_sock fields lie beyond struct sock: a typed cast. */
+		const struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+
+		if (tp) {
+			e->rx_queue = tp->rcv_nxt - tp->copied_seq;
+			e->tx_queue = tp->write_seq - tp->snd_una;
+		}
+		shutdown = BPF_CORE_READ_BITFIELD(sk, sk_shutdown);
+	} else {
+		const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+
+		e->rx_queue = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
+		e->tx_queue = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_una);
+		shutdown = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
+	}
 	if (shutdown & RCV_SHUTDOWN)
 		e->sk_flags |= TCPSCOPE_SK_RCV_SHUTDOWN;
 	if (shutdown & SEND_SHUTDOWN)
 		e->sk_flags |= TCPSCOPE_SK_SEND_SHUTDOWN;
-	if (BPF_CORE_READ(sk, __sk_common.skc_nulls_node.pprev))
-		e->sk_flags |= TCPSCOPE_SK_HASHED;
 }
 
 /* Bytes one event takes in the ring: the record and its 8-byte header. */
@@ -395,8 +416,10 @@ static __always_inline void ringbuf__emit(struct tcpscope_event *e)
 		drops__inc(TCPSCOPE_DROP_RINGBUF);
 }
 
-static __always_inline bool sock__is_tcp(const struct sock *sk)
+static __always_inline bool sock__is_tcp(const struct sock *sk, bool btf)
 {
+	if (btf)
+		return BPF_CORE_READ_BITFIELD(sk, sk_protocol) == IPPROTO_TCP;
 	return BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) == IPPROTO_TCP;
 }
 
@@ -431,7 +454,7 @@ static __always_inline int set_state__handle(const struct sock *sk,
 {
 	struct tcpscope_event e = {};
 
-	sock__read_tuple(sk, &e);
+	sock__read_tuple(sk, &e, btf);
 	if (!filter__match_netns(&e))
 		return 0;
 	if (newstate == TCP_LISTEN ||
@@ -455,7 +478,7 @@ static __always_inline int set_state__handle(const struct sock *sk,
 	if (cfg_cgroup)
 		e.cgroup = sock__cgroup_id(sk);
 	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN)
-		sock__read_queues(sk, &e);
+		sock__read_queues(sk, &e, btf);
 	ringbuf__emit(&e);
 	return 0;
 }
@@ -463,7 +486,7 @@ static __always_inline int set_state__handle(const struct sock *sk,
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(set_state_btf, const struct sock *sk, int oldstate, int newstate)
 {
-	if (!sock__is_tcp(sk))
+	if (!sock__is_tcp(sk, true))
 		return 0;
 	return set_state__handle(sk, oldstate, newstate, true);
 }
@@ -471,7 +494,7 @@ int BPF_PROG(set_state_btf, const struct sock *sk, int oldstate, int newstate)
 SEC("raw_tp/inet_sock_set_state")
 int BPF_PROG(set_state_raw, const struct sock *sk, int oldstate, int newstate)
 {
-	if (!sock__is_tcp(sk))
+	if (!sock__is_tcp(sk, false))
 		return 0;
 	return set_state__handle(sk, oldstate, newstate, false);
 }
@@ -494,7 +517,7 @@ static __always_inline int retransmit__handle(const struct sock *sk,
 	struct tcpscope_event e = {};
 	__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
 
-	sock__read_tuple(sk, &e);
+	sock__read_tuple(sk, &e, btf);
 	if (!filter__match_netns(&e) || !filter__match_ports(&e) ||
 	    !filter__match_cgroup(sk))
 		return 0;
@@ -515,7 +538,7 @@ static __always_inline int retransmit__handle(const struct sock *sk,
 	}
 	if (cfg_cgroup)
 		e.cgroup = sock__cgroup_id(sk);
-	sock__read_queues(sk, &e);
+	sock__read_queues(sk, &e, btf);
 	ringbuf__emit(&e);
 	return 0;
 }
@@ -595,7 +618,7 @@ static __always_inline int send_reset__handle(const struct sock *sk,
 	__u8 state = 0;
 
 	if (sk) {
-		sock__read_tuple(sk, &e);
+		sock__read_tuple(sk, &e, btf);
 		state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	} else if (skb) {
 		skb__read_tuple(skb, &e);
@@ -629,7 +652,7 @@ static __always_inline int send_reset__handle(const struct sock *sk,
 			return 0;
 		if (cfg_cgroup)
 			e.cgroup = sock__cgroup_id(sk);
-		sock__read_queues(sk, &e);
+		sock__read_queues(sk, &e, btf);
 	} else if (cfg_pid || cfg_cgroup) {
 		return 0; /* no socket: no owner to match in the kernel */
 	}
@@ -686,7 +709,7 @@ static __always_inline int receive_reset__handle(const struct sock *sk,
 	struct tcpscope_event e = {};
 	__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
 
-	sock__read_tuple(sk, &e);
+	sock__read_tuple(sk, &e, btf);
 	if (!filter__match_netns(&e) || !filter__match_ports(&e) ||
 	    !filter__match_cgroup(sk))
 		return 0;
@@ -697,7 +720,7 @@ static __always_inline int receive_reset__handle(const struct sock *sk,
 	e.old_state = e.new_state = state;
 	if (cfg_cgroup)
 		e.cgroup = sock__cgroup_id(sk);
-	sock__read_queues(sk, &e);
+	sock__read_queues(sk, &e, btf);
 	ringbuf__emit(&e);
 	return 0;
 }
@@ -752,7 +775,7 @@ int destroy_tp(struct trace_event_raw_tcp_event_sk *ctx)
 
 /* sock_send_length/sock_recv_length exist since 6.3; optional. They fire in
  * the calling task for every socket family, so the work is a lookup. */
-static __always_inline int io__handle(const struct sock *sk)
+static __always_inline int io__handle(const struct sock *sk, bool btf)
 {
 	__u64 key = (__u64)sk;
 	struct sock_info *info;
@@ -761,7 +784,7 @@ static __always_inline int io__handle(const struct sock *sk)
 	if (!info || info->owner_src == TCPSCOPE_OWNER_SYSCALL ||
 	    info->owner_src == TCPSCOPE_OWNER_IO)
 		return 0;
-	if (task__is_kthread())
+	if (task__is_kthread(btf))
 		return 0;
 	owner__from_current(&info->pid, info->comm);
 	info->owner_src = TCPSCOPE_OWNER_IO;
@@ -771,25 +794,25 @@ static __always_inline int io__handle(const struct sock *sk)
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(recv_btf, const struct sock *sk)
 {
-	return io__handle(sk);
+	return io__handle(sk, true);
 }
 
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(send_btf, const struct sock *sk)
 {
-	return io__handle(sk);
+	return io__handle(sk, true);
 }
 
 SEC("raw_tp/sock_recv_length")
 int BPF_PROG(recv_raw, const struct sock *sk)
 {
-	return io__handle(sk);
+	return io__handle(sk, false);
 }
 
 SEC("raw_tp/sock_send_length")
 int BPF_PROG(send_raw, const struct sock *sk)
 {
-	return io__handle(sk);
+	return io__handle(sk, false);
 }
 
 /* ---- timewait socks, by their timer --------------------------------------- */
@@ -821,18 +844,18 @@ static __always_inline __u64 jiffies__to_boot_ns(__u64 expires)
  * expiry, cancelled when the tw sock is killed early. Every timer on the
  * host passes here, so the first test is the callback pointer. */
 static __always_inline int tw_timer__handle(const struct timer_list *timer,
-					    __u8 type)
+					    __u8 type, bool btf)
 {
 	const struct inet_timewait_sock *tw;
 	struct tcpscope_event e = {};
 
 	if (!cfg_tw_timers || !&tw_timer_handler)
 		return 0;
-	if ((__u64)BPF_CORE_READ(timer, function) != (__u64)&tw_timer_handler)
+	if ((__u64)KREAD(btf, timer, function) != (__u64)&tw_timer_handler)
 		return 0;
 	tw = (const void *)timer -
 	     bpf_core_field_offset(struct inet_timewait_sock, tw_timer);
-	sock__read_tuple((const struct sock *)tw, &e);
+	sock__read_tuple((const struct sock *)tw, &e, false);
 	if (!filter__match_netns(&e) || !filter__match_ports(&e))
 		return 0;
 	e.type = type;
@@ -856,55 +879,55 @@ static __always_inline int tw_timer__handle(const struct timer_list *timer,
 SEC("tp_btf/timer_start")
 int BPF_PROG(tw_start_btf, const struct timer_list *timer)
 {
-	return tw_timer__handle(timer, TCPSCOPE_EV_TW_START);
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_START, true);
 }
 
 SEC("tp_btf/timer_cancel")
 int BPF_PROG(tw_cancel_btf, const struct timer_list *timer)
 {
-	return tw_timer__handle(timer, TCPSCOPE_EV_TW_CANCEL);
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_CANCEL, true);
 }
 
 SEC("tp_btf/timer_expire_entry")
 int BPF_PROG(tw_expire_btf, const struct timer_list *timer)
 {
-	return tw_timer__handle(timer, TCPSCOPE_EV_TW_EXPIRE);
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_EXPIRE, true);
 }
 
 SEC("raw_tp/timer_start")
 int BPF_PROG(tw_start_raw, const struct timer_list *timer)
 {
-	return tw_timer__handle(timer, TCPSCOPE_EV_TW_START);
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_START, false);
 }
 
 SEC("raw_tp/timer_cancel")
 int BPF_PROG(tw_cancel_raw, const struct timer_list *timer)
 {
-	return tw_timer__handle(timer, TCPSCOPE_EV_TW_CANCEL);
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_CANCEL, false);
 }
 
 SEC("raw_tp/timer_expire_entry")
 int BPF_PROG(tw_expire_raw, const struct timer_list *timer)
 {
-	return tw_timer__handle(timer, TCPSCOPE_EV_TW_EXPIRE);
+	return tw_timer__handle(timer, TCPSCOPE_EV_TW_EXPIRE, false);
 }
 
 SEC("tp/timer/timer_start")
 int tw_start_tp(struct trace_event_raw_timer_start *ctx)
 {
-	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_START);
+	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_START, false);
 }
 
 SEC("tp/timer/timer_cancel")
 int tw_cancel_tp(struct trace_event_raw_timer_class *ctx)
 {
-	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_CANCEL);
+	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_CANCEL, false);
 }
 
 SEC("tp/timer/timer_expire_entry")
 int tw_expire_tp(struct trace_event_raw_timer_expire_entry *ctx)
 {
-	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_EXPIRE);
+	return tw_timer__handle(ctx->timer, TCPSCOPE_EV_TW_EXPIRE, false);
 }
 
 /* ---- iter/tcp: timewait sweep and socket snapshot ------------------------ */
@@ -918,7 +941,7 @@ static __always_inline void record__tuple(const struct sock_common *skc,
 {
 	struct tcpscope_event e = {};
 
-	sock__read_tuple((const struct sock *)skc, &e);
+	sock__read_tuple((const struct sock *)skc, &e, true);
 	r->family = e.family;
 	r->lport = e.lport;
 	r->rport = e.rport;
@@ -974,7 +997,7 @@ int sock_iter(struct bpf_iter__tcp *ctx)
 		if (!tp)
 			return 0;
 		if (state != TCP_LISTEN) {
-			sock__read_queues((const struct sock *)tp, &q);
+			sock__read_queues((const struct sock *)tp, &q, true);
 			r.rx_queue = q.rx_queue;
 			r.tx_queue = q.tx_queue;
 			/* Bounds the age of a CLOSE_WAIT found at start-up:
