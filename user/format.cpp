@@ -1,6 +1,7 @@
 #include "tcpscope/format.hpp"
 
 #include <arpa/inet.h>
+#include <cstring>
 #include <ctime>
 
 #include <fmt/format.h>
@@ -79,9 +80,18 @@ std::string_view TimeFormatter::rfc3339(uint64_t ts_ns) {
     strftime(date_prefix_.data(), date_prefix_.size(), "%Y-%m-%dT%H:%M:%S", &tm);
     cached_sec_ = sec;
   }
-  auto r = fmt::format_to_n(out_.data(), out_.size() - 1, "{}.{:09}Z",
-                            date_prefix_.data(), nsec);
-  return {out_.data(), r.size};
+  // By hand: this runs for every line printed.
+  const size_t plen = strnlen(date_prefix_.data(), date_prefix_.size());
+  std::memcpy(out_.data(), date_prefix_.data(), plen);
+  size_t n = plen;
+  out_[n++] = '.';
+  for (int i = 8; i >= 0; --i) {
+    out_[n + static_cast<size_t>(i)] = static_cast<char>('0' + nsec % 10);
+    nsec /= 10;
+  }
+  n += 9;
+  out_[n++] = 'Z';
+  return {out_.data(), n};
 }
 
 std::string_view TimeFormatter::clock(uint64_t ts_ns) {

@@ -74,6 +74,11 @@ void ResetAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
 }
 
 void ResetAnalyzer::on_close(const Connection& c, uint64_t ts) {
+  // Only closes that can leave a late segment unanswered need remembering:
+  // a tw sock answers for its connection (the TIME_WAIT analysis keeps its
+  // owner, and its fate once it ends), and a passive close ends on the last
+  // ACK. Under churn this keeps the table out of the hot path.
+  if (c.close_from == kTcpLastAck || (tw_ && tw_->is_open(c.id))) return;
   while (!closed_order_.empty() && (closed_order_.size() >= kClosedMax ||
                                     closed_order_.front().first + kClosedMaxAgeNs < ts)) {
     auto it = closed_.find(closed_order_.front().second);
@@ -125,10 +130,29 @@ void ResetAnalyzer::on_reset_sent(const Tracked& t, NoticeOut& out) {
   Connection shown;
   const Connection* identity = nullptr;
 
+  Closed from_tw;  // a connection known only by its ended tw sock
   if (no_conn) {
     // No connection socket took the segment: it belonged to one that closed.
     auto it = closed_.find(key);
-    if (it != closed_.end()) closed = &it->second;
+    if (it != closed_.end()) {
+      closed = &it->second;
+    } else if (const auto* f = tw_ ? tw_->fate(key) : nullptr;
+               f && (f->fate == TimeWaitAnalyzer::Fate::Killed ||
+                     f->fate == TimeWaitAnalyzer::Fate::Expired)) {
+      from_tw.conn = f->conn;
+      from_tw.closed_ns = f->ts_ns;
+      from_tw.local_close_ns = f->local_close_ns ? f->local_close_ns : f->ts_ns;
+      from_tw.pid = f->pid;
+      from_tw.comm = f->comm;
+      closed = &from_tw;
+    } else if (auto owner = tw_ ? tw_->open_owner_at(key) : std::nullopt) {
+      // Its tw sock is (believed) open: name it; the reason tells the rest.
+      from_tw.conn = owner->conn;
+      from_tw.local_close_ns = owner->local_close_ns;
+      from_tw.pid = owner->pid;
+      from_tw.comm = owner->comm;
+      closed = &from_tw;
+    }
     cause = cause_without_socket(e, closed);
     if (closed) {
       since_close_ms = static_cast<int64_t>((e.ts_ns - closed->local_close_ns) / 1'000'000);
@@ -141,7 +165,15 @@ void ResetAnalyzer::on_reset_sent(const Tracked& t, NoticeOut& out) {
     // A tw sock answering a segment. Data in TIME_WAIT (FIN_WAIT2 substate:
     // we closed, the peer still sends) is data after our close.
     auto it = closed_.find(key);
-    if (it != closed_.end()) closed = &it->second;
+    if (it != closed_.end()) {
+      closed = &it->second;
+    } else if (auto owner = tw_ ? tw_->open_owner(e.conn) : std::nullopt) {
+      from_tw.conn = owner->conn;
+      from_tw.local_close_ns = owner->local_close_ns;
+      from_tw.pid = owner->pid;
+      from_tw.comm = owner->comm;
+      closed = &from_tw;
+    }
     cause = e.seg_len > 0 ? std::string_view("data_after_close") : reason_cause(e.reason);
     if (closed) {
       since_close_ms = static_cast<int64_t>((e.ts_ns - closed->local_close_ns) / 1'000'000);

@@ -231,6 +231,7 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
         tw.expires_ns = e.aux;
         tw.pid = p.pid;
         tw.comm = p.comm;
+        tw.local_close_ns = p.close_ns;
         add_tw(tw, nullptr, out, false);
         return;
       }
@@ -331,8 +332,20 @@ const TimeWaitAnalyzer::FateInfo* TimeWaitAnalyzer::fate(const TupleKey& tuple) 
   return it == fates_.end() ? nullptr : &it->second;
 }
 
+std::optional<TimeWaitAnalyzer::Owner> TimeWaitAnalyzer::open_owner(uint64_t conn) const {
+  auto it = open_.find(conn);
+  if (it == open_.end()) return std::nullopt;
+  return Owner{conn, it->second.pid, it->second.comm, it->second.local_close_ns};
+}
+
+std::optional<TimeWaitAnalyzer::Owner> TimeWaitAnalyzer::open_owner_at(
+    const TupleKey& tuple) const {
+  auto it = by_tuple_.find(tuple);
+  return it == by_tuple_.end() ? std::nullopt : open_owner(it->second);
+}
+
 void TimeWaitAnalyzer::set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn,
-                                uint8_t substate) {
+                                const Tw* tw) {
   constexpr uint64_t kMaxAgeNs = 600'000'000'000ull;
   constexpr size_t kMaxFates = 65536;
   while (!fate_order_.empty() &&
@@ -341,7 +354,14 @@ void TimeWaitAnalyzer::set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, u
     if (it != fates_.end() && it->second.ts_ns == fate_order_.front().first) fates_.erase(it);
     fate_order_.pop_front();
   }
-  fates_[tuple] = FateInfo{fate, ts, conn, substate};
+  FateInfo& f = fates_[tuple];
+  f = FateInfo{fate, ts, conn};
+  if (tw) {
+    f.substate = tw->substate;
+    f.pid = tw->pid;
+    f.comm = tw->comm;
+    f.local_close_ns = tw->local_close_ns;
+  }
   fate_order_.emplace_back(ts, tuple);
 }
 
@@ -379,6 +399,9 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
               (c.open_kind == OpenKind::Unknown && is_ephemeral(c.lport));
   tw.pid = c.pid;
   tw.comm = c.comm;
+  tw.local_close_ns = e.ts_ns;
+  for (int i = 0; i < c.history_len; ++i)
+    if (c.history_state[i] == kTcpFinWait1) tw.local_close_ns = c.history_ns[i];
   if (open_.contains(c.id)) {
     // A sweep saw the tw sock before this CLOSE event was read.
     armed_.erase(tw.tuple);
@@ -429,7 +452,6 @@ void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
   } else {
     open_[tw.conn] = tw;
     by_tuple_[tw.tuple] = tw.conn;
-    set_fate(tw.tuple, Fate::Open, tw.entered_ns, tw.conn, tw.substate);
     ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);
     if (ep) ++ep->open;
     if (tw.client) {
@@ -529,7 +551,7 @@ void TimeWaitAnalyzer::end(uint64_t conn, uint64_t end_ns, EndCause cause,
 
   ++ended_[static_cast<int>(cause)];
   set_fate(tw.tuple, cause == EndCause::Expired ? Fate::Expired : Fate::Killed, end_ns, conn,
-           tw.substate);
+           &tw);
   if (method == "sweep") ++sweep_ends_;
   else ++exact_ends_;
   auto* ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);

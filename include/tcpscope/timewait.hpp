@@ -11,6 +11,7 @@
 #include <deque>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
@@ -84,11 +85,26 @@ class TimeWaitAnalyzer final : public Analyzer {
     uint64_t ts_ns = 0;  // when that happened
     uint64_t conn = 0;
     uint8_t substate = 0;  // of the tw sock (FIN_WAIT2: the peer never sent FIN)
+    // Owner and local close of a connection whose tw sock ended (Killed,
+    // Expired): it is in no other table by then.
+    uint32_t pid = 0;
+    std::array<char, 16> comm{};
+    uint64_t local_close_ns = 0;
   };
   // Null if the tuple had no TIME_WAIT decision recently (10 minutes).
   const FateInfo* fate(const TupleKey& tuple) const;
   // Timewait socks open now.
   size_t open_count() const { return open_.size(); }
+  bool is_open(uint64_t conn) const { return open_.contains(conn); }
+  struct Owner {
+    uint64_t conn = 0;
+    uint32_t pid = 0;
+    std::array<char, 16> comm{};
+    uint64_t local_close_ns = 0;  // the application's close (FIN_WAIT1)
+  };
+  // The owner of an open tw sock's connection.
+  std::optional<Owner> open_owner(uint64_t conn) const;
+  std::optional<Owner> open_owner_at(const TupleKey& tuple) const;
 
  private:
   struct Tw {
@@ -101,6 +117,7 @@ class TimeWaitAnalyzer final : public Analyzer {
     bool client = false;  // we opened it: the local port is ephemeral
     uint32_t pid = 0;     // owner of the connection
     std::array<char, 16> comm{};
+    uint64_t local_close_ns = 0;  // FIN_WAIT1 entry, else entered_ns
   };
   // A tw timer armed for a tuple whose CLOSE event is next.
   struct Armed {
@@ -132,7 +149,7 @@ class TimeWaitAnalyzer final : public Analyzer {
   };
 
   void set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn,
-                uint8_t substate = 0);
+                const Tw* tw = nullptr);
   void enter(const Tracked& t, NoticeOut& out);
   void add_tw(const Tw& tw, const Connection* c, NoticeOut& out, bool preexisting);
   void not_entered(const Connection* c, const TupleKey& tuple, uint64_t conn, uint64_t ts,
