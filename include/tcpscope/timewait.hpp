@@ -16,6 +16,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "tcpscope/flat_hash_map.hpp"
 #include "tcpscope/histogram.hpp"
 #include "tcpscope/pipeline.hpp"
 
@@ -182,15 +183,15 @@ class TimeWaitAnalyzer final : public Analyzer {
 
   int top_n_;
   bool timers_ = false, sweeping_ = false;
-  std::unordered_map<uint64_t, Tw> open_;
-  std::unordered_map<TupleKey, Armed, TupleKeyHash> armed_;
+  FlatHashMap<uint64_t, Tw> open_;
+  FlatHashMap<TupleKey, Armed, TupleKeyHash> armed_;
   std::deque<std::pair<uint64_t, TupleKey>> armed_order_;
   std::deque<std::pair<uint64_t, uint64_t>> cancels_;  // (cancel_ns, conn)
   std::unordered_map<uint64_t, PendingEntry> pending_;  // by conn
   std::deque<uint64_t> pending_order_;
-  std::unordered_map<TupleKey, FateInfo, TupleKeyHash> fates_;
+  FlatHashMap<TupleKey, FateInfo, TupleKeyHash> fates_;
   std::deque<std::pair<uint64_t, TupleKey>> fate_order_;
-  std::unordered_map<TupleKey, uint64_t, TupleKeyHash> by_tuple_;
+  FlatHashMap<TupleKey, uint64_t, TupleKeyHash> by_tuple_;
   // Per local endpoint (client sockets: local port 0 = "ephemeral").
   std::unordered_map<TupleKey, EndpointStats, TupleKeyHash> endpoints_;
   std::unordered_map<TupleKey, RemoteStats, TupleKeyHash> remotes_;
