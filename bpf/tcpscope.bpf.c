@@ -67,10 +67,14 @@ struct owner {
 	char comm[TCPSCOPE_COMM_LEN];
 };
 
-/* Live sockets by kernel address; entries go at tcp_destroy_sock. LRU so a
- * missed destroy can never fill it; max_entries is set by user space. */
+/* Live sockets by kernel address; entries go at tcp_destroy_sock, which
+ * every TCP socket passes. A plain preallocated hash: an LRU one cost a
+ * list update under a lock on every new socket (the largest part of the
+ * state handler under churn). When full, new sockets are counted in
+ * drops[TCPSCOPE_DROP_SOCKMAP] and traced without a remembered owner;
+ * max_entries is set by user space (--max-sockets). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, __u64);
 	__type(value, struct sock_info);
