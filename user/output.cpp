@@ -9,6 +9,33 @@ namespace tcpscope {
 
 // ---- JsonWriter ------------------------------------------------------------
 
+namespace {
+
+// Hot lines (table rows, JSON state lines) are built by hand: fmt's
+// format-spec parsing was a third of the consumer's time under churn.
+void put(fmt::memory_buffer& out, std::string_view s) { out.append(s); }
+
+void put_padded(fmt::memory_buffer& out, std::string_view s, size_t width) {
+  out.append(s);
+  for (size_t n = s.size(); n < width; ++n) out.push_back(' ');
+}
+
+void put_uint(fmt::memory_buffer& out, uint64_t v, size_t width = 0) {
+  const fmt::format_int f(v);
+  put_padded(out, {f.data(), f.size()}, width);
+}
+
+// "12.345": ns as milliseconds with 3 decimals, rounded to the microsecond.
+void put_ms(fmt::memory_buffer& out, int64_t ns) {
+  const uint64_t us = (static_cast<uint64_t>(ns) + 500) / 1000;
+  put_uint(out, us / 1000);
+  const char frac[4] = {'.', static_cast<char>('0' + us / 100 % 10),
+                        static_cast<char>('0' + us / 10 % 10), static_cast<char>('0' + us % 10)};
+  out.append(frac, frac + 4);
+}
+
+}  // namespace
+
 void json_escape(fmt::memory_buffer& out, std::string_view s) {
   static constexpr char kHex[] = "0123456789abcdef";
   out.push_back('"');
@@ -277,6 +304,44 @@ void JsonLinesSink::on_event(const Tracked& t) {
     out_.maybe_flush();
     return;
   }
+  if (e.type == TCPSCOPE_EV_STATE) {
+    // The line of nearly every event, by hand; same text as the writer's.
+    const Identity id = identity_of(t);
+    auto& out = out_.buf();  // after the writer's {"type":...,"time":...
+    put(out, ",\"conn\":");
+    if (id.conn) put_uint(out, id.conn);
+    else put(out, "null");
+    put(out, ",\"netns\":");
+    put_uint(out, id.netns);
+    put(out, ",\"family\":");
+    put_uint(out, id.family);
+    put(out, ",\"laddr\":\"");
+    put(out, format_addr(id.family, id.laddr).view());
+    put(out, "\",\"lport\":");
+    put_uint(out, id.lport);
+    put(out, ",\"raddr\":\"");
+    put(out, format_addr(id.family, id.raddr).view());
+    put(out, "\",\"rport\":");
+    put_uint(out, id.rport);
+    put(out, ",\"pid\":");
+    put_uint(out, id.pid);
+    put(out, ",\"comm\":");
+    json_escape(out, id.comm);
+    put(out, ",\"old\":\"");
+    put(out, state_name(e.old_state));
+    put(out, "\",\"new\":\"");
+    put(out, state_name(e.new_state));
+    put(out, "\",\"ms\":");
+    if (t.prev_state_ns >= 0) put_ms(out, t.prev_state_ns);
+    else put(out, "null");
+    put(out, ",\"owner\":\"");
+    put(out, owner_src_name(t.conn ? t.conn->owner_src : e.owner_src));
+    put(out, "\",\"rx_queue\":");
+    put_uint(out, e.rx_queue);
+    put(out, "}\n");
+    out_.maybe_flush();
+    return;
+  }
   write_identity(w, identity_of(t));
   std::array<char, 32> fbuf{};
   switch (e.type) {
@@ -348,29 +413,6 @@ void JsonLinesSink::on_report(const Pipeline& p, uint64_t end_ns) {
 // ---- TableSink ---------------------------------------------------------------------
 
 namespace {
-// Table rows are built by hand: fmt's format-spec parsing was a third of
-// the consumer's time in table mode under churn.
-void put(fmt::memory_buffer& out, std::string_view s) { out.append(s); }
-
-void put_padded(fmt::memory_buffer& out, std::string_view s, size_t width) {
-  out.append(s);
-  for (size_t n = s.size(); n < width; ++n) out.push_back(' ');
-}
-
-void put_uint(fmt::memory_buffer& out, uint64_t v, size_t width = 0) {
-  const fmt::format_int f(v);
-  put_padded(out, {f.data(), f.size()}, width);
-}
-
-// "12.345": ns as milliseconds with 3 decimals, rounded to the microsecond.
-void put_ms(fmt::memory_buffer& out, int64_t ns) {
-  const uint64_t us = (static_cast<uint64_t>(ns) + 500) / 1000;
-  put_uint(out, us / 1000);
-  const char frac[4] = {'.', static_cast<char>('0' + us / 100 % 10),
-                        static_cast<char>('0' + us / 10 % 10), static_cast<char>('0' + us % 10)};
-  out.append(frac, frac + 4);
-}
-
 // "addr:port" (IPv6 in brackets), padded to the column width (at least one
 // space after it).
 void put_endpoint(fmt::memory_buffer& out, uint8_t family, const uint8_t* addr, uint16_t port,
