@@ -1,3 +1,4 @@
+#include "tcpscope/unique_fd.hpp"
 #include "tcpscope/capture.hpp"
 
 #include <fcntl.h>
@@ -70,19 +71,7 @@ bool crc_ok(uint32_t computed, uint32_t stored) {
 #endif
 }
 
-class Fd {
- public:
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
+using Fd = UniqueFd;
 
 class FileSource final : public Source {
  public:

@@ -1,4 +1,5 @@
 #include "tcpscope/closewait.hpp"
+#include "tcpscope/timewait.hpp"
 
 #include <algorithm>
 #include <cstddef>
@@ -8,6 +9,21 @@
 #include "tcpscope/format.hpp"
 
 namespace tcpscope {
+
+namespace {
+// A stuck socket as its notices show it, named after pid/comm.
+Connection shown_of(const CloseWaitAnalyzer::Socket& s, uint32_t pid,
+                    const std::array<char, 16>& comm) {
+  TupleKey k;
+  k.netns = s.netns;
+  k.family = s.family;
+  k.lport = s.lport;
+  k.rport = s.rport;
+  k.laddr = s.laddr;
+  k.raddr = s.raddr;
+  return describe_connection(k, s.conn, pid, comm);
+}
+}  // namespace
 
 // PROC_TEXT carries its bytes in laddr, raddr and comm: one contiguous run.
 static_assert(offsetof(Event, raddr) == offsetof(Event, laddr) + 16);
@@ -128,16 +144,9 @@ void CloseWaitAnalyzer::leave(const Event& e, NoticeOut& out) {
   ++closed_stuck_;
   notify(s, out);  // if it was still waiting for its holders
   const Holder* h = s.holders.empty() ? nullptr : &s.holders.front();
-  Connection shown;
-  shown.id = s.conn;
-  shown.netns = s.netns;
-  shown.family = s.family;
-  shown.lport = s.lport;
-  shown.rport = s.rport;
-  shown.laddr = s.laddr;
-  shown.raddr = s.raddr;
-  shown.pid = h ? h->pid : s.owner_pid;
-  shown.comm = h ? (h->proc ? h->proc->comm : h->comm) : s.owner_comm;
+  const Connection shown =
+      shown_of(s, h ? h->pid : s.owner_pid,
+               h ? (h->proc ? h->proc->comm : h->comm) : s.owner_comm);
   Notice n{"close_wait_end", e.ts_ns, &shown};
   n.add("duration_ms", static_cast<int64_t>((e.ts_ns - std::min<uint64_t>(e.ts_ns, s.entered_ns)) / 1'000'000));
   n.add("stuck_ms", static_cast<int64_t>((e.ts_ns - std::min<uint64_t>(e.ts_ns, s.crossed_ns)) / 1'000'000));
@@ -217,16 +226,7 @@ void CloseWaitAnalyzer::check(uint64_t now_ns, NoticeOut& out) {
 void CloseWaitAnalyzer::notify(Socket& s, NoticeOut& out) {
   if (s.noticed) return;
   s.noticed = true;
-  Connection shown;
-  shown.id = s.conn;
-  shown.netns = s.netns;
-  shown.family = s.family;
-  shown.lport = s.lport;
-  shown.rport = s.rport;
-  shown.laddr = s.laddr;
-  shown.raddr = s.raddr;
-  shown.pid = s.owner_pid;
-  shown.comm = s.owner_comm;
+  Connection shown = shown_of(s, s.owner_pid, s.owner_comm);
   std::string pids;
   int64_t fd = -1;
   std::string_view cmdline, container;

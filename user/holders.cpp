@@ -1,3 +1,4 @@
+#include "tcpscope/unique_fd.hpp"
 #include "tcpscope/holders.hpp"
 
 #include <fcntl.h>
@@ -23,19 +24,7 @@ HolderResolverConfig HolderResolverConfig::for_threshold(uint64_t threshold_ns) 
 
 namespace {
 
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
+using Fd = UniqueFd;
 
 // Reads up to max bytes of a small /proc file; empty on error.
 std::string read_file(const std::string& path, size_t max) {

@@ -1,3 +1,4 @@
+#include "tcpscope/unique_fd.hpp"
 #include "live.hpp"
 
 #include <signal.h>
@@ -55,8 +56,7 @@ class SignalFd {
   int fd_ = -1;
 };
 
-// The local port range of the traced namespace (per-netns sysctl), read
-// from a thread that joins it: setns() changes only the calling thread.
+// The local port range of the traced namespace (a per-netns sysctl).
 std::pair<uint16_t, uint16_t> read_port_range(const std::string& netns_path) {
   std::pair<uint16_t, uint16_t> range{0, 0};
   auto read = [&range] {
@@ -66,17 +66,7 @@ std::pair<uint16_t, uint16_t> read_port_range(const std::string& netns_path) {
     if (fscanf(f, "%u %u", &lo, &hi) == 2 && lo <= hi && hi < 65536) range = {lo, hi};
     fclose(f);
   };
-  if (netns_path.empty()) {
-    read();
-    return range;
-  }
-  std::thread t([&] {
-    const int fd = open(netns_path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return;
-    if (setns(fd, CLONE_NEWNET) == 0) read();
-    close(fd);
-  });
-  t.join();
+  run_in_netns(netns_path, read);
   return range;
 }
 
@@ -120,19 +110,7 @@ void print_overhead(const Event& s) {
              cpu_per_event, s.rx_queue, (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
 }
 
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
+using Fd = UniqueFd;
 
 }  // namespace
 

@@ -78,6 +78,21 @@ Result<std::pair<uint64_t, int32_t>> resolve_cgroup(const std::string& path) {
   return std::pair<uint64_t, int32_t>{st.st_ino, level};
 }
 
+int run_in_netns(const std::string& netns_path, const std::function<void()>& fn) {
+  if (netns_path.empty()) {
+    fn();
+    return 0;
+  }
+  int err = 0;
+  std::thread([&] {
+    const int ns = open(netns_path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (ns < 0 || setns(ns, CLONE_NEWNET) != 0) err = errno;
+    else fn();
+    if (ns >= 0) close(ns);
+  }).join();
+  return err;
+}
+
 std::optional<Error> check_privileges() {
   std::ifstream status("/proc/self/status");
   std::string line;
@@ -288,21 +303,11 @@ Result<size_t> BpfTracer::read_sockets(bool all, std::vector<SockRecord>& out) {
   // iter/tcp walks the namespace of the task that creates the iterator:
   // create it from a thread that joined the traced namespace.
   int fd = -1, err = 0;
-  if (netns_path_.empty()) {
-    fd = bpf_iter_create(bpf_link__fd(iter_link_.get()));
-    err = errno;
-  } else {
-    std::thread([&] {
-      const int ns = open(netns_path_.c_str(), O_RDONLY | O_CLOEXEC);
-      if (ns < 0 || setns(ns, CLONE_NEWNET) != 0) {
-        err = errno;
-      } else {
+  if (const int ns_err = run_in_netns(netns_path_, [&] {
         fd = bpf_iter_create(bpf_link__fd(iter_link_.get()));
         err = errno;
-      }
-      if (ns >= 0) close(ns);
-    }).join();
-  }
+      }))
+    err = ns_err;
   if (fd < 0) return Error{"bpf_iter_create: " + errno_text(err)};
   if (iter_buf_.size() < 64 * sizeof(SockRecord)) iter_buf_.resize(64 * sizeof(SockRecord));
   size_t have = 0;

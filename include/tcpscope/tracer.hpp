@@ -50,6 +50,11 @@ struct TraceConfig {
 Result<uint32_t> resolve_netns(const std::string& spec);
 // Parses --cgroup (a cgroup v2 directory): its id and depth.
 Result<std::pair<uint64_t, int32_t>> resolve_cgroup(const std::string& path);
+// Runs fn on a thread that joined the network namespace at netns_path (on
+// the calling thread if the path is empty): setns() changes only the calling
+// thread, and per-namespace things (iter/tcp walks, /proc/sys/net) follow
+// the thread. Returns 0, or the errno of joining.
+int run_in_netns(const std::string& netns_path, const std::function<void()>& fn);
 // Checks for root or CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN).
 std::optional<Error> check_privileges();
 
