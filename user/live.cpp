@@ -20,6 +20,7 @@
 #include <spdlog/spdlog.h>
 
 #include "tcpscope/format.hpp"
+#include "tcpscope/output.hpp"
 #include "tcpscope/holders.hpp"
 #include "tcpscope/timewait.hpp"
 
@@ -80,6 +81,7 @@ Event overhead_record(const BpfTracer& tracer, uint64_t now, uint64_t lost) {
     e.sk_flags = TCPSCOPE_STATS_BPF;
     e.conn = bpf.runs;
     e.aux = bpf.run_ns;
+    std::memcpy(e.laddr, &bpf.sampled_events, sizeof(bpf.sampled_events));
   }
   e.sk = tracer.events();
   e.cgroup = lost;
@@ -98,10 +100,9 @@ Event overhead_record(const BpfTracer& tracer, uint64_t now, uint64_t lost) {
 
 // --stats: one line on stderr, for scripts (scripts/bench.sh parses it).
 void print_overhead(const Event& s) {
-  const double per_event = s.sk ? static_cast<double>(s.aux) / static_cast<double>(s.sk) : 0;
-  const double per_run = s.conn ? static_cast<double>(s.aux) / static_cast<double>(s.conn) : 0;
-  const double cpu_per_event =
-      s.sk ? (static_cast<double>(s.reason) + s.seg_len) * 1e6 / static_cast<double>(s.sk) : 0;
+  const StatsFigures f = stats_figures(s);
+  const double per_event = f.bpf_ns_per_event, per_run = f.bpf_ns_per_run,
+               cpu_per_event = f.cpu_ns_per_event;
   fmt::print(stderr,
              "tcpscope: stats: events {} lost {} bpf_runs {} bpf_ns {} bpf_ns_per_event {:.1f} "
              "bpf_ns_per_run {:.1f} user_cpu_s {:.3f} sys_cpu_s {:.3f} cpu_ns_per_event {:.0f} "
@@ -179,6 +180,11 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       duration_s > 0 ? start_ns_ + static_cast<uint64_t>(duration_s * 1e9) : 0;
   uint64_t reported_lost = 0;
   uint64_t next_lost_check = boottime_now_ns() + 1'000'000'000;
+  // BPF statistics: on for 1 s in every 10 (their clock reads slow every
+  // program run); per-run and per-event figures are averages over windows.
+  constexpr uint64_t kStatsOnNs = 1'000'000'000, kStatsOffNs = 9'000'000'000;
+  tracer.sample_stats(true);
+  uint64_t next_stats_toggle = boottime_now_ns() + kStatsOnNs;
   auto check_lost = [&](uint64_t now) {
     const uint64_t lost = tracer.drops(TCPSCOPE_DROP_RINGBUF) + tracer.malformed();
     if (lost > reported_lost) {
@@ -320,6 +326,11 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       tick.ts_ns = boottime_now_ns();
       consume(tick);
       next_tick = now + tick_ns;
+    }
+    if (now >= next_stats_toggle) {
+      const bool on = !tracer.stats_on();
+      tracer.sample_stats(on);
+      next_stats_toggle = now + (on ? kStatsOnNs : kStatsOffNs);
     }
     if (now >= next_lost_check) {
       check_lost(now);

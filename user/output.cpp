@@ -68,6 +68,23 @@ void json_escape(fmt::memory_buffer& out, std::string_view s) {
   out.push_back('"');
 }
 
+uint64_t stats_sampled_events(const Event& e) {
+  uint64_t n = 0;
+  std::memcpy(&n, e.laddr, sizeof(n));
+  return n ? n : e.sk;  // captures made before sampling: every event
+}
+
+StatsFigures stats_figures(const Event& e) {
+  StatsFigures f;
+  const uint64_t sampled = stats_sampled_events(e);
+  f.bpf = (e.sk_flags & TCPSCOPE_STATS_BPF) != 0;
+  f.bpf_ns_per_event = sampled ? static_cast<double>(e.aux) / static_cast<double>(sampled) : 0;
+  f.bpf_ns_per_run = e.conn ? static_cast<double>(e.aux) / static_cast<double>(e.conn) : 0;
+  f.cpu_ns_per_event =
+      e.sk ? (static_cast<double>(e.reason) + e.seg_len) * 1e6 / static_cast<double>(e.sk) : 0;
+  return f;
+}
+
 void JsonWriter::before_value() {
   if (after_key_) {
     after_key_ = false;
@@ -223,29 +240,19 @@ Identity identity_of(const Connection& c) {
 namespace {
 
 // The STATS record's derived figures.
-struct StatsView {
-  explicit StatsView(const Event& e)
-      : bpf((e.sk_flags & TCPSCOPE_STATS_BPF) != 0),
-        bpf_ns_per_event(e.sk ? static_cast<double>(e.aux) / static_cast<double>(e.sk) : 0),
-        bpf_ns_per_run(e.conn ? static_cast<double>(e.aux) / static_cast<double>(e.conn) : 0),
-        cpu_ns_per_event(e.sk ? (static_cast<double>(e.reason) + e.seg_len) * 1e6 /
-                                    static_cast<double>(e.sk)
-                              : 0) {}
-  bool bpf;
-  double bpf_ns_per_event, bpf_ns_per_run, cpu_ns_per_event;
-};
-
 void write_stats(JsonWriter& w, const Event& e) {
-  const StatsView v(e);
+  const StatsFigures v = stats_figures(e);
   w.member("events", e.sk);
   w.member("lost", e.cgroup);
   if (v.bpf) {
+    w.member("bpf_sampled_events", stats_sampled_events(e));
     w.member("bpf_runs", e.conn);
     w.member("bpf_ns", e.aux);
     w.member("bpf_ns_per_event", v.bpf_ns_per_event);
     w.member("bpf_ns_per_run", v.bpf_ns_per_run);
   } else {
-    for (const char* k : {"bpf_runs", "bpf_ns", "bpf_ns_per_event", "bpf_ns_per_run"}) {
+    for (const char* k :
+         {"bpf_sampled_events", "bpf_runs", "bpf_ns", "bpf_ns_per_event", "bpf_ns_per_run"}) {
       w.key(k);
       w.null();
     }
@@ -487,7 +494,7 @@ void TableSink::on_event(const Tracked& t) {
                      e.conn);
       break;
     case TCPSCOPE_EV_STATS: {
-      const StatsView v(e);
+      const StatsFigures v = stats_figures(e);
       fmt::format_to(o, "{} tcpscope overhead: {} events, {} lost", time_.clock(e.ts_ns),
                      e.sk, e.cgroup);
       if (v.bpf) fmt::format_to(o, ", BPF {:.1f} ns/event ({} runs, {:.1f} ns/run)",

@@ -264,7 +264,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
     }
     if (r.ok()) {
       r.value()->fallbacks_ = fallbacks;
-      if (cfg.bpf_stats) r.value()->stats_ = std::make_unique<BpfStatsGuard>();
+      r.value()->stats_wanted_ = cfg.bpf_stats;
       return r;
     }
     last = r.error();
@@ -283,6 +283,7 @@ int BpfTracer::handle(void* ctx, void* data, size_t size) {
     return 0;
   }
   ++self->events_;
+  if (self->stats_) ++self->sampled_events_;
   // Ring buffer records are 8-byte aligned: the cast is safe.
   self->on_event_(*static_cast<const Event*>(data));
   return 0;
@@ -372,10 +373,22 @@ BpfStatsGuard::~BpfStatsGuard() {
   if (restore_sysctl_) write_sysctl(kStatsSysctl, "0");
 }
 
+void BpfTracer::sample_stats(bool on) {
+  if (!stats_wanted_ || on == static_cast<bool>(stats_)) return;
+  if (on) {
+    stats_ = std::make_unique<BpfStatsGuard>();
+    stats_sampled_ |= stats_->on();
+  } else {
+    stats_.reset();
+  }
+}
+
 BpfRunStats BpfTracer::run_stats() const {
   BpfRunStats s;
-  if (!stats_ || !stats_->on()) return s;
+  if (!stats_sampled_) return s;
+  // run_cnt/run_time_ns only grow while the statistics are on.
   s.enabled = true;
+  s.sampled_events = sampled_events_;
   for (int fd : prog_fds_) {
     bpf_prog_info info{};
     uint32_t len = sizeof(info);

@@ -128,7 +128,10 @@ enum tcpscope_event_type {
 				     records the ring buffer delivered, cgroup
 				     = events lost, reason/seg_len = user/
 				     system CPU time of tcpscope in ms,
-				     rx_queue = its peak RSS in KiB */
+				     rx_queue = its peak RSS in KiB, laddr[0..8)
+				     = records delivered while the BPF
+				     statistics were on (they are sampled:
+				     per-event costs divide by this) */
 };
 
 /* Bits of the STATS record's sk_flags. */

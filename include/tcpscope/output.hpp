@@ -72,6 +72,15 @@ class TableSink final : public Sink {
   TextStyle style_;
 };
 
+// The figures of a STATS record (tcpscope's own overhead).
+struct StatsFigures {
+  bool bpf = false;  // BPF run times were measured
+  double bpf_ns_per_event = 0, bpf_ns_per_run = 0, cpu_ns_per_event = 0;
+};
+StatsFigures stats_figures(const Event& stats);
+// Records delivered while the BPF statistics were on (they are sampled).
+uint64_t stats_sampled_events(const Event& stats);
+
 // "FIN|ACK" for TCP header flags; empty for none.
 std::string_view tcp_flags_text(uint8_t flags, std::array<char, 32>& buf);
 

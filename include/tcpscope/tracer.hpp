@@ -91,6 +91,7 @@ class BpfStatsGuard {
 // Run time of our BPF programs, summed (valid only if enabled).
 struct BpfRunStats {
   bool enabled = false;
+  uint64_t sampled_events = 0;  // records delivered while counting
   uint64_t runs = 0;    // program invocations (run_cnt)
   uint64_t run_ns = 0;  // time spent in them (run_time_ns)
 };
@@ -122,6 +123,11 @@ class BpfTracer {
   uint64_t events() const { return events_; }
   // Our programs' BPF run time so far (bpf_prog_info), if stats are on.
   BpfRunStats run_stats() const;
+  // BPF run-time statistics cost two clock reads per program run (a tenth
+  // of the handlers' time in a VM), so they are sampled: the live loop
+  // turns them on for a window now and then. No-op with --no-bpf-stats.
+  void sample_stats(bool on);
+  bool stats_on() const { return stats_ && stats_->on(); }
 
   // TW_START/CANCEL/EXPIRE records are produced (exact TIME_WAIT).
   bool tw_timers_on() const { return tw_timers_on_; }
@@ -151,6 +157,9 @@ class BpfTracer {
   uint64_t events_ = 0;
   std::vector<int> prog_fds_;  // attached programs (owned by skel_)
   std::unique_ptr<BpfStatsGuard> stats_;
+  bool stats_wanted_ = false;     // --no-bpf-stats not given
+  bool stats_sampled_ = false;    // they were on at some point
+  uint64_t sampled_events_ = 0;   // records delivered while they were on
   bool tw_timers_on_ = false;
   int ncpus_ = 1;
 };
