@@ -180,9 +180,9 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       duration_s > 0 ? start_ns_ + static_cast<uint64_t>(duration_s * 1e9) : 0;
   uint64_t reported_lost = 0;
   uint64_t next_lost_check = boottime_now_ns() + 1'000'000'000;
-  // BPF statistics: on for 1 s in every 10 (their clock reads slow every
+  // BPF statistics: on for 1 s in every 5 (their clock reads slow every
   // program run); per-run and per-event figures are averages over windows.
-  constexpr uint64_t kStatsOnNs = 1'000'000'000, kStatsOffNs = 9'000'000'000;
+  constexpr uint64_t kStatsOnNs = 1'000'000'000, kStatsOffNs = 4'000'000'000;
   tracer.sample_stats(true);
   uint64_t next_stats_toggle = boottime_now_ns() + kStatsOnNs;
   auto check_lost = [&](uint64_t now) {

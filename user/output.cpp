@@ -71,7 +71,7 @@ void json_escape(fmt::memory_buffer& out, std::string_view s) {
 uint64_t stats_sampled_events(const Event& e) {
   uint64_t n = 0;
   std::memcpy(&n, e.laddr, sizeof(n));
-  return n ? n : e.sk;  // captures made before sampling: every event
+  return n;
 }
 
 StatsFigures stats_figures(const Event& e) {
