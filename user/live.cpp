@@ -85,6 +85,10 @@ Event overhead_record(const BpfTracer& tracer, uint64_t now, uint64_t lost) {
   }
   e.sk = tracer.events();
   e.cgroup = lost;
+  // Sockets whose owner the kernel side could not keep (socket table full):
+  // traced all the same, but not silently degraded.
+  e.netns = static_cast<uint32_t>(
+      std::min<uint64_t>(tracer.drops(TCPSCOPE_DROP_SOCKMAP), UINT32_MAX));
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   auto ms = [](const timeval& tv) {
@@ -106,9 +110,10 @@ void print_overhead(const Event& s) {
   fmt::print(stderr,
              "tcpscope: stats: events {} lost {} bpf_runs {} bpf_ns {} bpf_ns_per_event {:.1f} "
              "bpf_ns_per_run {:.1f} user_cpu_s {:.3f} sys_cpu_s {:.3f} cpu_ns_per_event {:.0f} "
-             "max_rss_kib {}{}\n",
+             "max_rss_kib {} owners_not_kept {}{}\n",
              s.sk, s.cgroup, s.conn, s.aux, per_event, per_run, s.reason / 1e3, s.seg_len / 1e3,
-             cpu_per_event, s.rx_queue, (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
+             cpu_per_event, s.rx_queue, s.netns,
+             (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
 }
 
 using Fd = UniqueFd;

@@ -261,6 +261,7 @@ void write_stats(JsonWriter& w, const Event& e) {
   w.member("sys_cpu_s", e.seg_len / 1e3);
   w.member("cpu_ns_per_event", v.cpu_ns_per_event);
   w.member("max_rss_kib", static_cast<unsigned>(e.rx_queue));
+  w.member("owners_not_kept", static_cast<unsigned>(e.netns));
 }
 
 }  // namespace
@@ -499,8 +500,13 @@ void TableSink::on_event(const Tracked& t) {
                      e.sk, e.cgroup);
       if (v.bpf) fmt::format_to(o, ", BPF {:.1f} ns/event ({} runs, {:.1f} ns/run)",
                                 v.bpf_ns_per_event, e.conn, v.bpf_ns_per_run);
-      fmt::format_to(o, ", CPU user {:.3f} s sys {:.3f} s ({:.0f} ns/event), peak RSS {:.1f} MiB\n",
+      fmt::format_to(o, ", CPU user {:.3f} s sys {:.3f} s ({:.0f} ns/event), peak RSS {:.1f} MiB",
                      e.reason / 1e3, e.seg_len / 1e3, v.cpu_ns_per_event, e.rx_queue / 1024.0);
+      if (e.netns)
+        fmt::format_to(o, ", {} sockets traced without owner (socket table full: raise "
+                          "--max-sockets)",
+                       e.netns);
+      out.push_back('\n');
       break;
     }
     default:

@@ -128,7 +128,9 @@ enum tcpscope_event_type {
 				     records the ring buffer delivered, cgroup
 				     = events lost, reason/seg_len = user/
 				     system CPU time of tcpscope in ms,
-				     rx_queue = its peak RSS in KiB, laddr[0..8)
+				     rx_queue = its peak RSS in KiB, netns =
+				     sockets whose owner the socket table could
+				     not keep (it was full), laddr[0..8)
 				     = records delivered while the BPF
 				     statistics were on (they are sampled:
 				     per-event costs divide by this) */
