@@ -3,6 +3,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <limits>
 #include <memory>
@@ -444,6 +445,59 @@ TEST(JsonLinesSink, Lines) {
   EXPECT_EQ(rep["retransmits"]["top"][0]["conn"], 77);
   EXPECT_EQ(rep["retransmits"]["top"][0]["states"], ordered_json::array({"ESTABLISHED"}));
   EXPECT_EQ(rep["lost_events"], 4);
+}
+
+// tcpscope's own overhead: the STATS record as a JSON line and a table line.
+TEST(StatsRecord, JsonAndTableLines) {
+  Event st{};
+  st.type = TCPSCOPE_EV_STATS;
+  st.ts_ns = ms(500);
+  st.sk = 1000;           // records delivered
+  st.cgroup = 2;          // lost
+  st.conn = 400;          // BPF runs (while sampled)
+  st.aux = 80'000;        // BPF ns
+  st.sk_flags = TCPSCOPE_STATS_BPF;
+  const uint64_t sampled = 250;
+  std::memcpy(st.laddr, &sampled, sizeof(sampled));
+  st.reason = 1500;       // user CPU ms
+  st.seg_len = 500;       // system CPU ms
+  st.rx_queue = 2048;     // peak RSS KiB
+  st.netns = 3;           // sockets whose owner was not kept
+  MemFile f;
+  {
+    FdWriter out(f.fd());
+    TimeFormatter time(0);
+    JsonLinesSink sink(out, time);
+    Pipeline p;
+    p.add_sink(&sink);
+    p.process(st);
+  }
+  const auto lines = split_lines(f.contents());
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0],
+            R"({"type":"stats","time":"1970-01-01T00:00:00.500000000Z","events":1000,)"
+            R"("lost":2,"bpf_sampled_events":250,"bpf_runs":400,"bpf_ns":80000,)"
+            R"("bpf_ns_per_event":320.000,"bpf_ns_per_run":200.000,"user_cpu_s":1.500,)"
+            R"("sys_cpu_s":0.500,"cpu_ns_per_event":2000000.000,"max_rss_kib":2048,)"
+            R"("owners_not_kept":3})");
+  const StatsFigures fig = stats_figures(st);
+  EXPECT_TRUE(fig.bpf);
+  EXPECT_DOUBLE_EQ(fig.bpf_ns_per_event, 320.0);  // over the sampled records only
+
+  st.sk_flags = 0;  // statistics were off: BPF figures are null
+  MemFile g;
+  {
+    FdWriter out(g.fd());
+    TimeFormatter time(0);
+    TableSink sink(out, time);
+    Pipeline p;
+    p.add_sink(&sink);
+    p.process(st);
+  }
+  EXPECT_EQ(split_lines(g.contents()).at(0),
+            "00:00:00.500 tcpscope overhead: 1000 events, 2 lost, CPU user 1.500 s sys 0.500 s "
+            "(2000000 ns/event), peak RSS 2.0 MiB, 3 sockets traced without owner (socket table "
+            "full: raise --max-sockets)");
 }
 
 TEST(JsonLinesSink, ArbitraryCommAndIpv6) {

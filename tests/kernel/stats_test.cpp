@@ -1,0 +1,50 @@
+// tcpscope reports its own overhead in one `stats` line before the report:
+// records delivered, lost, BPF run time (sampled), CPU time, peak RSS.
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include "harness.hpp"
+
+namespace ktest {
+namespace {
+
+class StatsTest : public KernelTest {};
+
+TEST_F(StatsTest, OneStatsLineWithOwnOverheadBeforeTheReport) {
+  NetNs ns;
+  Tracer tracer;
+  ASSERT_TRUE(tracer.start(ns)) << tracer.diagnostics();
+  // Traffic right away: the first BPF statistics window is the first second.
+  constexpr int kConnections = 50;
+  for (int i = 0; i < kConnections; ++i) make_connection(ns, ConnSpec{});
+  ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();
+
+  const auto lines = tracer.lines();
+  ASSERT_GE(lines.size(), 3u);
+  const auto stats = tracer.events("stats");
+  ASSERT_EQ(stats.size(), 1u) << dump(lines);
+  // The last line is the report; the stats line comes just before it.
+  EXPECT_EQ(lines.back().value("type", ""), "report");
+  EXPECT_EQ(lines[lines.size() - 2].value("type", ""), "stats");
+
+  const json& s = stats[0];
+  const auto state_lines = tracer.events("state").size();
+  // make_connection: a listener (2 transitions) and two sockets (5 each).
+  EXPECT_EQ(state_lines, static_cast<size_t>(kConnections * 12)) << dump(lines);
+  EXPECT_GE(s["events"].get<uint64_t>(), state_lines);  // tw timer records come too
+  EXPECT_EQ(s["lost"], 0);
+  EXPECT_EQ(tracer.report()["lost_events"], 0);
+  EXPECT_EQ(s["owners_not_kept"], 0);
+  ASSERT_TRUE(s["bpf_runs"].is_number()) << s.dump();
+  EXPECT_GT(s["bpf_runs"].get<uint64_t>(), 0u);
+  EXPECT_GT(s["bpf_ns"].get<uint64_t>(), 0u);
+  EXPECT_GT(s["bpf_sampled_events"].get<uint64_t>(), 0u);
+  EXPECT_LE(s["bpf_sampled_events"].get<uint64_t>(), s["events"].get<uint64_t>());
+  EXPECT_NEAR(s["bpf_ns_per_event"].get<double>(),
+              s["bpf_ns"].get<double>() / s["bpf_sampled_events"].get<double>(), 0.001);
+  EXPECT_GT(s["max_rss_kib"].get<uint64_t>(), 1024u);
+  EXPECT_GE(s["user_cpu_s"].get<double>() + s["sys_cpu_s"].get<double>(), 0.0);
+}
+
+}  // namespace
+}  // namespace ktest
