@@ -92,17 +92,17 @@ std::vector<Event> make_churn(size_t n) {
       k.sk_flags = TCPSCOPE_SK_TIMEWAIT;
       v.push_back(k);
     }
-    v.push_back(state(s, 2000, kTcpListen, kTcpSynRecv, TCPSCOPE_SK_NEW | TCPSCOPE_SK_HASHED));
-    v.push_back(state(c, 3000, kTcpSynSent, kTcpEstablished, TCPSCOPE_SK_HASHED));
-    v.push_back(state(s, 4000, kTcpSynRecv, kTcpEstablished, TCPSCOPE_SK_HASHED));
+    v.push_back(state(s, 2000, kTcpListen, kTcpSynRecv, TCPSCOPE_SK_NEW));
+    v.push_back(state(c, 3000, kTcpSynSent, kTcpEstablished, 0));
+    v.push_back(state(s, 4000, kTcpSynRecv, kTcpEstablished, 0));
     v.push_back(state(s, 6000, kTcpEstablished, kTcpFinWait1,
-                      TCPSCOPE_SK_HASHED | TCPSCOPE_SK_SEND_SHUTDOWN));
+                      TCPSCOPE_SK_SEND_SHUTDOWN));
     v.push_back(state(c, 7000, kTcpEstablished, kTcpCloseWait,
-                      TCPSCOPE_SK_HASHED | TCPSCOPE_SK_RCV_SHUTDOWN));
+                      TCPSCOPE_SK_RCV_SHUTDOWN));
     v.push_back(state(s, 8000, kTcpFinWait1, kTcpFinWait2,
-                      TCPSCOPE_SK_HASHED | TCPSCOPE_SK_SEND_SHUTDOWN));
+                      TCPSCOPE_SK_SEND_SHUTDOWN));
     v.push_back(state(c, 9000, kTcpCloseWait, kTcpLastAck,
-                      TCPSCOPE_SK_HASHED | TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
+                      TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
     Event arm = base(ts + 10000, scookie, kServerPort, cport);
     arm.type = TCPSCOPE_EV_TW_START;
     arm.old_state = kTcpTimeWait;
@@ -113,7 +113,7 @@ std::vector<Event> make_churn(size_t n) {
     v.push_back(state(s, 10100, kTcpFinWait2, kTcpClose,
                       TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
     v.push_back(state(c, 11000, kTcpLastAck, kTcpClose,
-                      TCPSCOPE_SK_HASHED | TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
+                      TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
     tw_of_port[cport] = scookie;
   }
   return v;

@@ -167,13 +167,10 @@ enum tcpscope_owner_source {
 
 /* Bits of tcpscope_event.sk_flags. */
 enum tcpscope_sk_flags {
-	/* The socket was still in the established hash at the event. At a
-	 * transition to CLOSE from FIN_WAIT2/CLOSING this tells whether a
-	 * timewait sock replaced it: tcp_time_wait() unhashes the full socket
-	 * in inet_twsk_hashdance() before tcp_done(); without a tw sock
-	 * (bucket overflow, FIN_WAIT2 timeout) it is unhashed only after the
-	 * tracepoint, in tcp_set_state(). */
-	TCPSCOPE_SK_HASHED = 1 << 0,
+	/* Bit 0 is unused: the state tracepoint fires in
+	 * inet_sk_state_store(), after tcp_set_state() unhashed the socket,
+	 * so "still hashed" cannot tell a timewait sock from a bucket
+	 * overflow. The tw timer records (TW_START) tell that instead. */
 	TCPSCOPE_SK_RCV_SHUTDOWN = 1 << 1,  /* peer's FIN was received */
 	TCPSCOPE_SK_SEND_SHUTDOWN = 1 << 2, /* our FIN was queued */
 	TCPSCOPE_SK_NO_SOCKET = 1 << 3,	    /* reset with no socket (sk NULL):

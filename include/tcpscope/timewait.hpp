@@ -1,10 +1,10 @@
 // TIME_WAIT reconstruction. The state tracepoint never shows TIME_WAIT: a
 // socket entering it shows FIN_WAIT2/CLOSING -> CLOSE while a timewait sock,
-// with the same cookie, takes its place in the hash. Entry is exact (that
-// CLOSE event, unhashed: see TCPSCOPE_SK_HASHED); the end is found by
-// periodic iter/tcp sweeps (TimeWaitSweep turns them into TW_SEEN/TW_GONE
-// records) and made exact where the kernel tells more: the tw timer for
-// expiry, the new connection's own event for a recycled or reused tuple.
+// with the same cookie, takes its place in the hash. The tw sock's timer
+// (TW_START/CANCEL/EXPIRE records) gives entry, kills and expiry exactly;
+// without it, iter/tcp sweeps (TimeWaitSweep turns them into TW_SEEN/TW_GONE
+// records) decide entries and bound ends, and a new connection's own event
+// dates a recycled or reused tuple.
 #pragma once
 
 #include <array>

@@ -265,7 +265,7 @@ TEST(Capture, ReportFromCaptureEqualsLive) {
     st(t + 1000, c, kTcpSynSent, kTcpEstablished);
     st(t + 2000, c, kTcpEstablished, kTcpFinWait1);
     st(t + 3000, c, kTcpFinWait1, kTcpFinWait2);
-    st(t + 4000, c, kTcpFinWait2, kTcpClose, c % 2 ? TCPSCOPE_SK_HASHED : 0);
+    st(t + 4000, c, kTcpFinWait2, kTcpClose, c % 2 ? TCPSCOPE_SK_SEND_SHUTDOWN : 0);
   }
   Event lost{};
   lost.type = TCPSCOPE_EV_LOST;

@@ -257,16 +257,16 @@ TEST(Tracker, FinWait2TimeoutAndTimewaitOverflowAreActiveClose) {
     CloseKind kind;
   };
   const Case cases[] = {
-      // FIN_WAIT2 timeout: no tw sock, still hashed at the tracepoint.
-      {707, kTcpFinWait2, TCPSCOPE_SK_HASHED | TCPSCOPE_SK_SEND_SHUTDOWN, CloseKind::ActiveClose},
-      // tw bucket overflow after the peer's FIN.
-      {708, kTcpFinWait2,
-       TCPSCOPE_SK_HASHED | TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN,
+      // FIN_WAIT2 timeout: the peer's FIN never came.
+      {707, kTcpFinWait2, TCPSCOPE_SK_SEND_SHUTDOWN, CloseKind::ActiveClose},
+      // tw bucket overflow after the peer's FIN: the tracepoint looks the
+      // same as a TIME_WAIT entry (only the tw timer tells them apart).
+      {708, kTcpFinWait2, TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN,
        CloseKind::ActiveClose},
-      // Normal TIME_WAIT: the tw sock replaced the socket (unhashed).
+      // Normal TIME_WAIT.
       {709, kTcpFinWait2, TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN,
        CloseKind::ActiveClose},
-      {710, kTcpClosing, TCPSCOPE_SK_HASHED | TCPSCOPE_SK_RCV_SHUTDOWN,
+      {710, kTcpClosing, TCPSCOPE_SK_RCV_SHUTDOWN,
        CloseKind::Simultaneous},
   };
   for (const Case& k : cases) {
