@@ -42,9 +42,11 @@ const volatile __u16 cfg_port = 0;	   /* either side, 0 = any */
 const volatile __u16 cfg_lport = 0;
 const volatile __u16 cfg_rport = 0;
 const volatile __u8 cfg_family = 0; /* 4, 6 or 0 = both */
-/* Wake the consumer only once this much is queued; 0 = every event. The
- * consumer also drains on a short poll timeout, so latency stays bounded. */
-const volatile __u64 cfg_wakeup_bytes = 0;
+/* Wake the consumer once per this many records emitted on a CPU; 0 = every
+ * record. User space sets it from the ring size and the CPU count so that
+ * all CPUs together stay well below the ring's capacity; the consumer also
+ * drains on a short poll timeout, so latency stays bounded. */
+const volatile __u32 cfg_wakeup_every = 0;
 
 /* What the kernel side remembers of a socket while it lives. */
 struct sock_info {
@@ -111,6 +113,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } drops SEC(".maps");
+
+/* Records emitted on each CPU since it last woke the consumer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} since_wakeup SEC(".maps");
 
 /* Sequence for connection ids where the cookie helper is not available. */
 struct {
@@ -316,11 +326,11 @@ static __always_inline __u64 conn__new_id(const struct sock *sk, bool btf)
 }
 
 /* Looks up (or starts) what we know of a full socket and copies the
- * connection id and owner into the event. Returns false if the socket table
- * is full and the socket is not known (the event still goes out). */
-static __always_inline struct sock_info *
-sock__track(const struct sock *sk, struct tcpscope_event *e, bool btf,
-	    int oldstate, int newstate)
+ * connection id and owner into the event. If the socket table is full a new
+ * socket is not remembered (counted in drops); the event still goes out. */
+static __always_inline void sock__track(const struct sock *sk,
+					struct tcpscope_event *e, bool btf,
+					int oldstate, int newstate)
 {
 	__u64 key = (__u64)sk;
 	struct sock_info *info = bpf_map_lookup_elem(&socks, &key);
@@ -347,16 +357,15 @@ sock__track(const struct sock *sk, struct tcpscope_event *e, bool btf,
 			}
 		}
 		e->sk_flags |= TCPSCOPE_SK_NEW;
+		/* Later transitions find it; this one reports what it holds
+		 * (no second lookup). */
 		if (bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST))
 			drops__inc(TCPSCOPE_DROP_SOCKMAP);
-		info = bpf_map_lookup_elem(&socks, &key);
-		if (!info) {
-			e->conn = fresh.conn;
-			e->pid = fresh.pid;
-			e->owner_src = fresh.owner_src;
-			__builtin_memcpy(e->comm, fresh.comm, sizeof(e->comm));
-			return NULL;
-		}
+		e->conn = fresh.conn;
+		e->pid = fresh.pid;
+		e->owner_src = fresh.owner_src;
+		__builtin_memcpy(e->comm, fresh.comm, sizeof(e->comm));
+		return;
 	} else if (syscall && info->owner_src != TCPSCOPE_OWNER_SYSCALL) {
 		owner__from_current(&info->pid, info->comm);
 		info->owner_src = TCPSCOPE_OWNER_SYSCALL;
@@ -365,7 +374,6 @@ sock__track(const struct sock *sk, struct tcpscope_event *e, bool btf,
 	e->pid = info->pid;
 	e->owner_src = info->owner_src;
 	__builtin_memcpy(e->comm, info->comm, sizeof(e->comm));
-	return info;
 }
 
 static __always_inline void sock__read_queues(const struct sock *sk,
@@ -395,26 +403,25 @@ static __always_inline void sock__read_queues(const struct sock *sk,
 		e->sk_flags |= TCPSCOPE_SK_SEND_SHUTDOWN;
 }
 
-/* Bytes one event takes in the ring: the record and its 8-byte header. */
-#define TCPSCOPE_RB_RECORD (sizeof(struct tcpscope_event) + 8)
-
 static __always_inline void ringbuf__emit(struct tcpscope_event *e)
 {
 	__u64 flags = 0;
 
 	e->ts_ns = bpf_ktime_get_boot_ns();
-	if (cfg_wakeup_bytes) {
-		/* Wake the consumer once, when this record takes the queue
-		 * across the threshold. Forcing a wake-up for every record
-		 * above it (the consumer is busy draining) costs a self-IPI
-		 * per event (irq_work; a VM exit in a guest): that was the
-		 * largest cost of the whole tracer under connection churn. */
-		__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	if (cfg_wakeup_every) {
+		/* Wake the consumer once per cfg_wakeup_every records of this
+		 * CPU. Asking the ring how much is queued instead
+		 * (bpf_ringbuf_query) reads the consumer's position, a cache
+		 * line the consumer keeps writing: a miss on every event.
+		 * Forcing a wake-up per record costs a self-IPI each (irq_work;
+		 * a VM exit in a guest). */
+		__u32 zero = 0, *n = bpf_map_lookup_elem(&since_wakeup, &zero);
 
-		flags = avail < cfg_wakeup_bytes &&
-				avail + TCPSCOPE_RB_RECORD >= cfg_wakeup_bytes
-			    ? BPF_RB_FORCE_WAKEUP
-			    : BPF_RB_NO_WAKEUP;
+		flags = BPF_RB_NO_WAKEUP;
+		if (n && ++*n >= cfg_wakeup_every) {
+			*n = 0;
+			flags = BPF_RB_FORCE_WAKEUP;
+		}
 	}
 	if (bpf_ringbuf_output(&events, e, sizeof(*e), flags))
 		drops__inc(TCPSCOPE_DROP_RINGBUF);

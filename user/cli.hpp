@@ -16,7 +16,7 @@ struct RecordOptions {
   uint64_t max_size = 0;          // rotate to FILE.1, FILE.2... past this; 0 = never
   uint32_t max_files = 0;         // parts (or flight recorder dumps) kept; 0 = all
   bool compress = true;           // zstd
-  int zstd_level = 3;
+  int zstd_level = 1;  // the cheapest: compression is most of a recording's CPU
   uint64_t ring_bytes = 0;        // flight recorder: keep the last SIZE in memory
   bool trigger_late_fin = false;  // dump on a late FIN answered with a RST
   uint32_t trigger_close_wait = 0;  // dump at N stuck CLOSE_WAITs

@@ -8,6 +8,7 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -25,6 +26,9 @@ void LinkDeleter::operator()(bpf_link* l) const { bpf_link__destroy(l); }
 void RingDeleter::operator()(ring_buffer* r) const { ring_buffer__free(r); }
 
 namespace {
+
+// Bytes one event takes in the ring: the record and its 8-byte header.
+constexpr uint64_t kRingRecordBytes = sizeof(tcpscope_event) + 8;
 
 bool all_digits(const std::string& s) {
   if (s.empty()) return false;
@@ -170,7 +174,14 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   s->rodata->cfg_lport = f.lport;
   s->rodata->cfg_rport = f.rport;
   s->rodata->cfg_family = f.family;
-  s->rodata->cfg_wakeup_bytes = cfg.wakeup_bytes;
+  // A wake-up per wakeup_bytes of records, counted per CPU (a shared count
+  // would bounce between CPUs): all CPUs together queue at most that much
+  // before one of them wakes the consumer.
+  if (cfg.wakeup_bytes) {
+    const int cpus = std::max(1, libbpf_num_possible_cpus());
+    const uint64_t per_cpu = cfg.wakeup_bytes / kRingRecordBytes / static_cast<uint64_t>(cpus);
+    s->rodata->cfg_wakeup_every = static_cast<uint32_t>(std::max<uint64_t>(1, per_cpu));
+  }
   if (int err = bpf_map__set_max_entries(s->maps.events, cfg.ring_bytes))
     return Error{"ring buffer size " + std::to_string(cfg.ring_bytes) + ": " + errno_text(err)};
   if (int err = bpf_map__set_max_entries(s->maps.socks, cfg.max_sockets))
