@@ -61,9 +61,21 @@ int listen_on(uint32_t addr, uint16_t port) {
 }
 
 // One connection; -1 on a transient error (the caller retries).
-int connect_to(uint32_t addr, uint16_t port) {
+// local_port 0: the kernel picks an ephemeral port; else it is bound on
+// addr itself (loopback: each 127.0.0.x its own port space).
+int connect_to(uint32_t addr, uint16_t port, uint16_t local_port = 0) {
   const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;
+  if (local_port) {
+    sockaddr_in la{};
+    la.sin_family = AF_INET;
+    la.sin_port = htons(local_port);
+    la.sin_addr.s_addr = htonl(addr);
+    if (bind(fd, reinterpret_cast<sockaddr*>(&la), sizeof(la)) != 0) {
+      close(fd);
+      return -1;
+    }
+  }
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
   sa.sin_port = htons(port);
@@ -133,13 +145,18 @@ int run_hold(const Args& a) {
   setrlimit(RLIMIT_NOFILE, &rl);
   const long per_child = std::max<long>(1, (static_cast<long>(rl.rlim_cur) - 64) / 2);
   // One listener per 127.0.0.x: each destination has its own port space.
+  // Client ports are chosen here, each used once per destination: a port
+  // the kernel picked again would carry a SYN onto the server's TIME_WAIT
+  // of its previous connection and recycle it.
   constexpr long kPerAddr = 50000;
+  constexpr long kFirstPort = 10000;
   const int naddr = static_cast<int>((a.hold + a.time_wait) / kPerAddr + 1);
   std::vector<int> listeners;
   for (int i = 0; i < naddr; ++i) listeners.push_back(listen_on(INADDR_LOOPBACK + i, a.port));
   auto open_one = [&](long i) -> std::pair<int, int> {
     const int l = static_cast<int>(i / kPerAddr);
-    const int c = connect_to(INADDR_LOOPBACK + l, a.port);
+    const int c = connect_to(INADDR_LOOPBACK + l, a.port,
+                             static_cast<uint16_t>(kFirstPort + i % kPerAddr));
     if (c < 0) die("connect");
     const int s = accept4(listeners[l], nullptr, nullptr, SOCK_CLOEXEC);
     if (s < 0) die("accept");

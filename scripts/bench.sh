@@ -6,7 +6,8 @@
 # (round 1: every mode, round 2: every mode, ...) so drift on a noisy host
 # hits every mode alike; the figures that count are the ratios to "none"
 # measured in one invocation. Then the memory scenario: tcpscope's RSS while
-# it tracks HOLD open connections plus TW TIME_WAITs.
+# it tracks HOLD open loopback connections (2 x HOLD established sockets,
+# both ends are in the netns) plus TW TIME_WAITs.
 #
 #   scripts/bench.sh                   # 5 rounds x every mode x 10 s
 #   ROUNDS=3 SECS=5 scripts/bench.sh
@@ -14,7 +15,8 @@
 #   MEMORY=0 scripts/bench.sh          # skip the memory scenario
 #
 # Environment: ROUNDS (5), SECS (10), CLIENTS (4), SERVERS (2), WARMUP (2 s
-# for a tracer to attach), MODES (all below), MEMORY (1), HOLD (100000), TW
+# for a tracer to attach), MODES (all below), MEMORY (1), HOLD (50000: 100,000
+# established sockets, as ss counts them), TW
 # (100000), OUT (a scratch directory), INSTALL_TOOLS (1: apt-get install
 # libbpf-tools if missing, tolerating failure).
 #
@@ -33,7 +35,7 @@ CLIENTS=${CLIENTS:-4}
 SERVERS=${SERVERS:-2}
 WARMUP=${WARMUP:-2}
 MEMORY=${MEMORY:-1}
-HOLD=${HOLD:-100000}
+HOLD=${HOLD:-50000}
 TW=${TW:-100000}
 INSTALL_TOOLS=${INSTALL_TOOLS:-1}
 MODES=${MODES:-"none tcpscope-table tcpscope-json tcpscope-record tcpscope-table-all tcpscope-json-all tcpstates tcplife"}
@@ -195,7 +197,7 @@ echo "bpf_ns/ev: tcpscope's BPF run time per event delivered (kernel.bpf_stats).
 
 if [[ $MEMORY == 1 ]]; then
 	echo
-	echo "Memory: tcpscope --json --netns while $HOLD connections are open and $TW in TIME_WAIT"
+	echo "Memory: tcpscope --json --netns while $HOLD loopback connections ($((HOLD * 2)) sockets) are open and $TW in TIME_WAIT"
 	make_netns $((TW * 2))
 	"$tcpscope" --json --netns "/run/netns/$ns" --stats >/dev/null 2>"$OUT/stats" &
 	tracer_pid=$!
