@@ -13,6 +13,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -170,6 +171,9 @@ int run_hold(const Args& a) {
     const pid_t pid = fork();
     if (pid < 0) die("fork");
     if (pid == 0) {
+      // Die with the parent, however it ends (it may fail after forking).
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() == 1) _exit(1);
       close(ready[0]);
       std::vector<int> fds;
       for (long i = first; i < first + n; ++i) {

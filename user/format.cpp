@@ -1,6 +1,8 @@
 #include "tcpscope/format.hpp"
 
 #include <arpa/inet.h>
+
+#include <array>
 #include <cstring>
 #include <ctime>
 
@@ -44,28 +46,46 @@ std::string_view event_type_name(uint8_t type) {
   }
 }
 
-AddrText format_addr(uint8_t family, const uint8_t* addr) {
-  AddrText t;
+size_t format_addr_to(char* dst, uint8_t family, const uint8_t* addr) {
   if (family == 4) {
-    // Dotted quad by hand: inet_ntop goes through sprintf, a visible cost
-    // at several addresses per event.
-    char* p = t.buf.data();
+    // Dotted quad by hand from a table of the 256 numbers: inet_ntop goes
+    // through sprintf, a visible cost at several addresses per event.
+    static constexpr auto kBytes = [] {
+      std::array<std::array<char, 4>, 256> t{};  // digits, then the count
+      for (unsigned v = 0; v < 256; ++v) {
+        auto& e = t[v];
+        char n = 0;
+        if (v >= 100) e[n++] = static_cast<char>('0' + v / 100);
+        if (v >= 10) e[n++] = static_cast<char>('0' + v / 10 % 10);
+        e[n++] = static_cast<char>('0' + v % 10);
+        e[3] = n;
+      }
+      return t;
+    }();
+    char* p = dst;
     for (int i = 0; i < 4; ++i) {
-      unsigned v = addr[i];
-      if (v >= 100) *p++ = static_cast<char>('0' + v / 100), v %= 100, *p++ = static_cast<char>('0' + v / 10);
-      else if (v >= 10) *p++ = static_cast<char>('0' + v / 10);
-      *p++ = static_cast<char>('0' + v % 10);
-      if (i < 3) *p++ = '.';
+      const auto& e = kBytes[addr[i]];
+      std::memcpy(p, e.data(), 3);
+      p += e[3];
+      *p++ = '.';
     }
-    *p = '\0';
-    return t;
+    return static_cast<size_t>(p - dst) - 1;  // no dot after the last
   }
-  const int af = family == 4 ? AF_INET : AF_INET6;
-  if (!inet_ntop(af, addr, t.buf.data(), t.buf.size())) t.buf[0] = '\0';
+  char text[INET6_ADDRSTRLEN];
+  if (!inet_ntop(AF_INET6, addr, text, sizeof(text))) return 0;
+  const size_t n = strnlen(text, sizeof(text));
+  std::memcpy(dst, text, n);
+  return n;
+}
+
+AddrText format_addr(uint8_t family, const uint8_t* addr) {
+  static_assert(kMaxAddrText < sizeof(AddrText::buf));
+  AddrText t;
+  t.len = static_cast<uint8_t>(format_addr_to(t.buf.data(), family, addr));
   return t;
 }
 
-std::string_view TimeFormatter::rfc3339(uint64_t ts_ns) {
+int64_t TimeFormatter::nsec_of(uint64_t ts_ns) {
   const int64_t wall = static_cast<int64_t>(ts_ns) + offset_ns_;
   int64_t sec = wall / 1'000'000'000;
   int64_t nsec = wall % 1'000'000'000;
@@ -78,26 +98,46 @@ std::string_view TimeFormatter::rfc3339(uint64_t ts_ns) {
     struct tm tm {};
     gmtime_r(&t, &tm);
     strftime(date_prefix_.data(), date_prefix_.size(), "%Y-%m-%dT%H:%M:%S", &tm);
+    prefix_len_ = strnlen(date_prefix_.data(), date_prefix_.size());
+    std::memcpy(out_.data(), date_prefix_.data(), prefix_len_);
     cached_sec_ = sec;
   }
-  // By hand: this runs for every line printed.
-  const size_t plen = strnlen(date_prefix_.data(), date_prefix_.size());
-  std::memcpy(out_.data(), date_prefix_.data(), plen);
-  size_t n = plen;
-  out_[n++] = '.';
-  for (int i = 8; i >= 0; --i) {
-    out_[n + static_cast<size_t>(i)] = static_cast<char>('0' + nsec % 10);
-    nsec /= 10;
+  return nsec;
+}
+
+std::string_view TimeFormatter::rfc3339(uint64_t ts_ns) {
+  static constexpr char kPairs[] =
+      "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+      "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+      "8081828384858687888990919293949596979899";
+  auto nsec = static_cast<uint32_t>(nsec_of(ts_ns));
+  // By hand: this runs for every line printed. out_ holds the date prefix
+  // of the cached second already; only the fraction changes.
+  char* fraction = out_.data() + prefix_len_;
+  fraction[0] = '.';
+  fraction[9] = static_cast<char>('0' + nsec % 10);
+  nsec /= 10;
+  for (int i = 7; i >= 1; i -= 2, nsec /= 100) {
+    fraction[i] = kPairs[nsec % 100 * 2];
+    fraction[i + 1] = kPairs[nsec % 100 * 2 + 1];
   }
-  n += 9;
-  out_[n++] = 'Z';
-  return {out_.data(), n};
+  fraction[10] = 'Z';
+  return {out_.data(), prefix_len_ + 11};
 }
 
 std::string_view TimeFormatter::clock(uint64_t ts_ns) {
-  std::string_view full = rfc3339(ts_ns);
   // "YYYY-MM-DDTHH:MM:SS.mmm" -> "HH:MM:SS.mmm"
-  return full.substr(11, 12);
+  constexpr size_t kUsualPrefix = 19;  // four-digit years
+  const int64_t nsec = nsec_of(ts_ns);
+  if (prefix_len_ != kUsualPrefix) return rfc3339(ts_ns).substr(11, 12);
+  // Only the digits shown: one table row per event.
+  const auto ms = static_cast<unsigned>(nsec / 1'000'000);
+  std::memcpy(clock_out_.data(), date_prefix_.data() + 11, 8);
+  clock_out_[8] = '.';
+  clock_out_[9] = static_cast<char>('0' + ms / 100);
+  clock_out_[10] = static_cast<char>('0' + ms / 10 % 10);
+  clock_out_[11] = static_cast<char>('0' + ms % 10);
+  return {clock_out_.data(), 12};
 }
 
 uint64_t boottime_now_ns() {

@@ -11,27 +11,133 @@ namespace tcpscope {
 
 namespace {
 
-// Hot lines (table rows, JSON state lines) are built by hand: fmt's
-// format-spec parsing was a third of the consumer's time under churn.
-void put(fmt::memory_buffer& out, std::string_view s) { out.append(s); }
+// Hot lines (table rows, JSON state lines, notices) are built by hand: fmt's
+// format-spec parsing was a third of the consumer's time under churn. They
+// are written with plain stores into room reserved at the end of the buffer,
+// without a capacity check or library call per piece.
+class LineWriter {
+ public:
+  // max_size: an upper bound of what the line may take.
+  LineWriter(fmt::memory_buffer& out, size_t max_size) : out_(out) {
+    const size_t start = out.size();
+    out.resize(start + max_size);
+    p_ = out.data() + start;
+  }
+  ~LineWriter() { out_.resize(static_cast<size_t>(p_ - out_.data())); }
+  LineWriter(const LineWriter&) = delete;
+  LineWriter& operator=(const LineWriter&) = delete;
 
-void put_padded(fmt::memory_buffer& out, std::string_view s, size_t width) {
-  out.append(s);
-  for (size_t n = s.size(); n < width; ++n) out.push_back(' ');
-}
+  template <size_t N>
+  void lit(const char (&s)[N]) {
+    std::memcpy(p_, s, N - 1);
+    p_ += N - 1;
+  }
+  void text(std::string_view s) {
+    std::memcpy(p_, s.data(), s.size());
+    p_ += s.size();
+  }
+  void ch(char c) { *p_++ = c; }
+  char* pos() const { return p_; }
+  // Spaces up to `width` chars from `column`, none if it is that wide.
+  void pad(const char* column, size_t width) {
+    while (p_ < column + width) *p_++ = ' ';
+  }
+  void padded(std::string_view s, size_t width) {
+    char* column = p_;
+    text(s);
+    pad(column, width);
+  }
 
-void put_uint(fmt::memory_buffer& out, uint64_t v, size_t width = 0) {
-  const fmt::format_int f(v);
-  put_padded(out, {f.data(), f.size()}, width);
-}
+  void uint(uint64_t v) {
+    static constexpr char kPairs[] =
+        "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+        "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+        "8081828384858687888990919293949596979899";
+    const size_t n = digits(v);
+    char* d = p_ + n;
+    while (v >= 100) {
+      const auto pair = static_cast<size_t>(v % 100) * 2;
+      v /= 100;
+      *--d = kPairs[pair + 1];
+      *--d = kPairs[pair];
+    }
+    if (v >= 10) {
+      *--d = kPairs[v * 2 + 1];
+      *--d = kPairs[v * 2];
+    } else {
+      *--d = static_cast<char>('0' + v);
+    }
+    p_ += n;
+  }
+  void sint(int64_t v) {
+    if (v < 0) {
+      ch('-');
+      uint(0 - static_cast<uint64_t>(v));
+    } else {
+      uint(static_cast<uint64_t>(v));
+    }
+  }
+  void uint_padded(uint64_t v, size_t width) {
+    char* column = p_;
+    uint(v);
+    pad(column, width);
+  }
+  // "12.345": ns as milliseconds with 3 decimals, rounded to the microsecond.
+  void ms(int64_t ns) {
+    const uint64_t us = (static_cast<uint64_t>(ns) + 500) / 1000;
+    uint(us / 1000);
+    p_[0] = '.';
+    p_[1] = static_cast<char>('0' + us / 100 % 10);
+    p_[2] = static_cast<char>('0' + us / 10 % 10);
+    p_[3] = static_cast<char>('0' + us % 10);
+    p_ += 4;
+  }
+  void addr(uint8_t family, const uint8_t* a) { p_ += format_addr_to(p_, family, a); }
+  // As json_escape: at most 6 chars per byte, plus the quotes.
+  void json_string(std::string_view s);
 
-// "12.345": ns as milliseconds with 3 decimals, rounded to the microsecond.
-void put_ms(fmt::memory_buffer& out, int64_t ns) {
-  const uint64_t us = (static_cast<uint64_t>(ns) + 500) / 1000;
-  put_uint(out, us / 1000);
-  const char frac[4] = {'.', static_cast<char>('0' + us / 100 % 10),
-                        static_cast<char>('0' + us / 10 % 10), static_cast<char>('0' + us % 10)};
-  out.append(frac, frac + 4);
+ private:
+  static size_t digits(uint64_t v) {
+    for (size_t n = 1;; n += 4, v /= 10000) {
+      if (v < 10) return n;
+      if (v < 100) return n + 1;
+      if (v < 1000) return n + 2;
+      if (v < 10000) return n + 3;
+    }
+  }
+
+  fmt::memory_buffer& out_;
+  char* p_;
+};
+
+// Room for a JSON string of s: every byte escaped, and the quotes.
+size_t json_room(std::string_view s) { return s.size() * 6 + 2; }
+
+bool json_plain(unsigned char c) { return c >= 0x20 && c < 0x7f && c != '"' && c != '\\'; }
+
+void LineWriter::json_string(std::string_view s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  ch('"');
+  for (const char byte : s) {
+    const auto c = static_cast<unsigned char>(byte);
+    if (json_plain(c)) {
+      *p_++ = byte;
+    } else if (c == '"' || c == '\\') {
+      *p_++ = '\\';
+      *p_++ = byte;
+    } else if (c == '\n') {
+      lit("\\n");
+    } else if (c == '\t') {
+      lit("\\t");
+    } else {
+      // Control bytes and anything non-ASCII: \u00XX keeps output valid
+      // whatever bytes a process put in its comm.
+      lit("\\u00");
+      *p_++ = kHex[c >> 4];
+      *p_++ = kHex[c & 15];
+    }
+  }
+  ch('"');
 }
 
 }  // namespace
@@ -217,6 +323,32 @@ Identity identity_of(const Tracked& t) {
           e.rport, e.pid, comm_of(e.comm)};
 }
 
+// Room for the identity members: addresses, numbers and an escaped comm.
+constexpr size_t kIdentityRoom = 384;
+
+// ,"conn":...,"comm":"..." as JsonWriter's members would write them.
+void put_identity_json(LineWriter& line, const Identity& id) {
+  line.lit(",\"conn\":");
+  if (id.conn) line.uint(id.conn);
+  else line.lit("null");
+  line.lit(",\"netns\":");
+  line.uint(id.netns);
+  line.lit(",\"family\":");
+  line.uint(id.family);
+  line.lit(",\"laddr\":\"");
+  line.addr(id.family, id.laddr);
+  line.lit("\",\"lport\":");
+  line.uint(id.lport);
+  line.lit(",\"raddr\":\"");
+  line.addr(id.family, id.raddr);
+  line.lit("\",\"rport\":");
+  line.uint(id.rport);
+  line.lit(",\"pid\":");
+  line.uint(id.pid);
+  line.lit(",\"comm\":");
+  line.json_string(id.comm);
+}
+
 void write_identity(JsonWriter& w, const Identity& id) {
   if (id.conn) w.member("conn", id.conn);
   else w.key("conn"), w.null();
@@ -294,6 +426,31 @@ bool is_public_record(uint8_t type) {
 void JsonLinesSink::on_event(const Tracked& t) {
   const Event& e = *t.ev;
   if (!is_public_record(e.type)) return;
+  if (e.type == TCPSCOPE_EV_STATE) {
+    // The line of nearly every event, by hand; same text as the writer's.
+    const Identity id = identity_of(t);
+    {
+      LineWriter line(out_.buf(), 256 + kIdentityRoom);
+      line.lit("{\"type\":\"state\",\"time\":\"");
+      line.text(time_.rfc3339(e.ts_ns));
+      line.ch('"');
+      put_identity_json(line, id);
+      line.lit(",\"old\":\"");
+      line.text(state_name(e.old_state));
+      line.lit("\",\"new\":\"");
+      line.text(state_name(e.new_state));
+      line.lit("\",\"ms\":");
+      if (t.prev_state_ns >= 0) line.ms(t.prev_state_ns);
+      else line.lit("null");
+      line.lit(",\"owner\":\"");
+      line.text(owner_src_name(t.conn ? t.conn->owner_src : e.owner_src));
+      line.lit("\",\"rx_queue\":");
+      line.uint(e.rx_queue);
+      line.lit("}\n");
+    }
+    out_.maybe_flush();
+    return;
+  }
   JsonWriter w(out_.buf());
   w.begin_object();
   w.member("type", event_type_name(e.type));
@@ -309,44 +466,6 @@ void JsonLinesSink::on_event(const Tracked& t) {
     w.member("count", e.conn);
     w.end_object();
     out_.buf().push_back('\n');
-    out_.maybe_flush();
-    return;
-  }
-  if (e.type == TCPSCOPE_EV_STATE) {
-    // The line of nearly every event, by hand; same text as the writer's.
-    const Identity id = identity_of(t);
-    auto& out = out_.buf();  // after the writer's {"type":...,"time":...
-    put(out, ",\"conn\":");
-    if (id.conn) put_uint(out, id.conn);
-    else put(out, "null");
-    put(out, ",\"netns\":");
-    put_uint(out, id.netns);
-    put(out, ",\"family\":");
-    put_uint(out, id.family);
-    put(out, ",\"laddr\":\"");
-    put(out, format_addr(id.family, id.laddr).view());
-    put(out, "\",\"lport\":");
-    put_uint(out, id.lport);
-    put(out, ",\"raddr\":\"");
-    put(out, format_addr(id.family, id.raddr).view());
-    put(out, "\",\"rport\":");
-    put_uint(out, id.rport);
-    put(out, ",\"pid\":");
-    put_uint(out, id.pid);
-    put(out, ",\"comm\":");
-    json_escape(out, id.comm);
-    put(out, ",\"old\":\"");
-    put(out, state_name(e.old_state));
-    put(out, "\",\"new\":\"");
-    put(out, state_name(e.new_state));
-    put(out, "\",\"ms\":");
-    if (t.prev_state_ns >= 0) put_ms(out, t.prev_state_ns);
-    else put(out, "null");
-    put(out, ",\"owner\":\"");
-    put(out, owner_src_name(t.conn ? t.conn->owner_src : e.owner_src));
-    put(out, "\",\"rx_queue\":");
-    put_uint(out, e.rx_queue);
-    put(out, "}\n");
     out_.maybe_flush();
     return;
   }
@@ -389,20 +508,38 @@ void JsonLinesSink::on_event(const Tracked& t) {
   out_.maybe_flush();
 }
 
+namespace {
+// Room for a notice's fields, in JSON or in the table.
+size_t fields_room(const Notice& n) {
+  size_t room = 0;
+  for (int i = 0; i < n.nfields; ++i)
+    room += json_room(n.fields[i].key) + json_room(n.fields[i].text) + 32;
+  return room;
+}
+}  // namespace
+
 void JsonLinesSink::on_notice(const Notice& n) {
-  JsonWriter w(out_.buf());
-  w.begin_object();
-  w.member("type", n.type);
-  w.member("time", time_.rfc3339(n.ts_ns));
-  if (n.conn) write_identity(w, identity_of(*n.conn));
-  for (int i = 0; i < n.nfields; ++i) {
-    const auto& f = n.fields[i];
-    if (f.is_text) w.member(f.key, f.text);
-    else if (f.is_bool) w.member(f.key, f.number != 0);
-    else w.member(f.key, f.number);
+  {
+    // By hand, as the JsonWriter would write it: notices come with most
+    // connections under churn (time_wait_enter, time_wait_end).
+    LineWriter line(out_.buf(), 128 + json_room(n.type) + kIdentityRoom + fields_room(n));
+    line.lit("{\"type\":");
+    line.json_string(n.type);
+    line.lit(",\"time\":\"");
+    line.text(time_.rfc3339(n.ts_ns));
+    line.ch('"');
+    if (n.conn) put_identity_json(line, identity_of(*n.conn));
+    for (int i = 0; i < n.nfields; ++i) {
+      const auto& f = n.fields[i];
+      line.ch(',');
+      line.json_string(f.key);
+      line.ch(':');
+      if (f.is_text) line.json_string(f.text);
+      else if (f.is_bool) f.number != 0 ? line.lit("true") : line.lit("false");
+      else line.sint(f.number);
+    }
+    line.lit("}\n");
   }
-  w.end_object();
-  out_.buf().push_back('\n');
   out_.maybe_flush();
 }
 
@@ -421,32 +558,38 @@ void JsonLinesSink::on_report(const Pipeline& p, uint64_t end_ns) {
 // ---- TableSink ---------------------------------------------------------------------
 
 namespace {
+// Room for a row's prefix: time, pid, comm and both endpoints.
+constexpr size_t kPrefixRoom = 256;
+
 // "addr:port" (IPv6 in brackets), padded to the column width (at least one
 // space after it).
-void put_endpoint(fmt::memory_buffer& out, uint8_t family, const uint8_t* addr, uint16_t port,
+void put_endpoint(LineWriter& line, uint8_t family, const uint8_t* addr, uint16_t port,
                   size_t column) {
-  const size_t before = out.size();
-  const auto a = format_addr(family, addr);
-  if (family == 6) out.push_back('[');
-  put(out, a.view());
-  if (family == 6) out.push_back(']');
-  out.push_back(':');
-  put_uint(out, port, 5);
-  const size_t width = out.size() - before;
-  for (size_t n = width; n < column; ++n) out.push_back(' ');
-  if (width >= column) out.push_back(' ');
+  char* const start = line.pos();
+  if (family == 6) line.ch('[');
+  line.addr(family, addr);
+  if (family == 6) line.ch(']');
+  line.ch(':');
+  line.uint_padded(port, 5);
+  if (line.pos() >= start + column) line.ch(' ');
+  else line.pad(start, column);
+}
+
+void table_prefix(LineWriter& line, TimeFormatter& time, uint64_t ts, const Identity& id) {
+  line.text(time.clock(ts));
+  line.ch(' ');
+  line.uint_padded(id.pid, 7);
+  line.ch(' ');
+  line.padded(id.comm, 15);
+  line.ch(' ');
+  put_endpoint(line, id.family, id.laddr, id.lport, 22);
+  put_endpoint(line, id.family, id.raddr, id.rport, 22);
 }
 
 void table_prefix(fmt::memory_buffer& out, TimeFormatter& time, uint64_t ts,
                   const Identity& id) {
-  put(out, time.clock(ts));
-  out.push_back(' ');
-  put_uint(out, id.pid, 7);
-  out.push_back(' ');
-  put_padded(out, id.comm, 15);
-  out.push_back(' ');
-  put_endpoint(out, id.family, id.laddr, id.lport, 22);
-  put_endpoint(out, id.family, id.raddr, id.rport, 22);
+  LineWriter line(out, kPrefixRoom);
+  table_prefix(line, time, ts, id);
 }
 }  // namespace
 
@@ -464,16 +607,18 @@ void TableSink::on_event(const Tracked& t) {
   auto o = std::back_inserter(out);
   std::array<char, 32> fbuf{};
   switch (e.type) {
-    case TCPSCOPE_EV_STATE:
-      table_prefix(out, time_, e.ts_ns, identity_of(t));
-      put_padded(out, state_name(e.old_state), 11);
-      put(out, " -> ");
-      put_padded(out, state_name(e.new_state), 11);
-      out.push_back(' ');
-      if (t.prev_state_ns >= 0) put_ms(out, t.prev_state_ns);
-      else out.push_back('-');
-      out.push_back('\n');
+    case TCPSCOPE_EV_STATE: {
+      LineWriter line(out, kPrefixRoom + 64);
+      table_prefix(line, time_, e.ts_ns, identity_of(t));
+      line.padded(state_name(e.old_state), 11);
+      line.lit(" -> ");
+      line.padded(state_name(e.new_state), 11);
+      line.ch(' ');
+      if (t.prev_state_ns >= 0) line.ms(t.prev_state_ns);
+      else line.ch('-');
+      line.ch('\n');
       break;
+    }
     case TCPSCOPE_EV_RETRANSMIT:
       table_prefix(out, time_, e.ts_ns, identity_of(t));
       fmt::format_to(o, "RETRANSMIT in {} [{}] {} bytes\n", state_name(e.old_state),
@@ -516,21 +661,26 @@ void TableSink::on_event(const Tracked& t) {
 }
 
 void TableSink::on_notice(const Notice& n) {
-  auto& out = out_.buf();
-  auto o = std::back_inserter(out);
-  if (n.conn) {
-    table_prefix(out, time_, n.ts_ns, identity_of(*n.conn));
-  } else {
-    fmt::format_to(o, "{} ", time_.clock(n.ts_ns));
+  {
+    LineWriter line(out_.buf(), kPrefixRoom + n.type.size() + fields_room(n) + 1);
+    if (n.conn) {
+      table_prefix(line, time_, n.ts_ns, identity_of(*n.conn));
+    } else {
+      line.text(time_.clock(n.ts_ns));
+      line.ch(' ');
+    }
+    for (char c : n.type) line.ch(static_cast<char>(c >= 'a' && c <= 'z' ? c - 32 : c));
+    for (int i = 0; i < n.nfields; ++i) {
+      const auto& f = n.fields[i];
+      line.ch(' ');
+      line.text(f.key);
+      line.ch('=');
+      if (f.is_text) line.text(f.text);
+      else if (f.is_bool) line.text(f.number ? "yes" : "no");
+      else line.sint(f.number);
+    }
+    line.ch('\n');
   }
-  for (char c : n.type) out.push_back(static_cast<char>(c >= 'a' && c <= 'z' ? c - 32 : c));
-  for (int i = 0; i < n.nfields; ++i) {
-    const auto& f = n.fields[i];
-    if (f.is_text) fmt::format_to(o, " {}={}", f.key, f.text);
-    else if (f.is_bool) fmt::format_to(o, " {}={}", f.key, f.number ? "yes" : "no");
-    else fmt::format_to(o, " {}={}", f.key, f.number);
-  }
-  out.push_back('\n');
   out_.maybe_flush();
 }
 

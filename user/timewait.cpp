@@ -263,17 +263,55 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
   }
 }
 
-TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::find(const Event& e) {
-  if (e.conn) {
-    auto it = open_.find(e.conn);
-    if (it != open_.end()) return &it->second;
+const TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::open_find(uint64_t conn) const {
+  const uint32_t i = open_by_conn_.find(
+      CookieHash{}(conn), [&](uint32_t h) { return open_slab_[h].conn == conn; });
+  return i == HandleIndex::kNone ? nullptr : &open_slab_[i];
+}
+
+const TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::open_find_tuple(const TupleKey& tuple,
+                                                              uint64_t tuple_hash) const {
+  const uint32_t i = open_by_tuple_.find(
+      tuple_hash, [&](uint32_t h) { return open_slab_[h].tuple == tuple; });
+  return i == HandleIndex::kNone ? nullptr : &open_slab_[i];
+}
+
+TimeWaitAnalyzer::Tw& TimeWaitAnalyzer::open_add(const Tw& tw) {
+  uint32_t i;
+  if (!open_free_.empty()) {
+    i = open_free_.back();
+    open_free_.pop_back();
+  } else {
+    i = static_cast<uint32_t>(open_slab_.size());
+    open_slab_.emplace_back();
   }
-  auto bt = by_tuple_.find(TupleKey::of(e));
+  Tw& added = open_slab_[i];
+  added = tw;
+  if (!added.tuple_hash) added.tuple_hash = TupleIndex::hash_of(tw.tuple);
+  open_by_conn_.insert(CookieHash{}(tw.conn), i);
+  // The tuple names the latest tw sock on it.
+  if (const Tw* before = open_find_tuple(added.tuple, added.tuple_hash))
+    open_by_tuple_.erase(added.tuple_hash, static_cast<uint32_t>(before - open_slab_.data()));
+  open_by_tuple_.insert(added.tuple_hash, i);
+  ++open_count_;
+  return added;
+}
+
+void TimeWaitAnalyzer::open_erase(const Tw& tw) {
+  const auto i = static_cast<uint32_t>(&tw - open_slab_.data());
+  open_by_conn_.erase(CookieHash{}(tw.conn), i);
+  open_by_tuple_.erase(tw.tuple_hash, i);  // if the tuple still names it
+  open_free_.push_back(i);
+  --open_count_;
+}
+
+TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::find(const Event& e) {
   // By tuple only for a tw sock without a cookie: another conn's tw sock
   // on the same tuple (the one that recycled or reused it) is not this one.
-  if (bt == by_tuple_.end() || (e.conn && bt->second != e.conn)) return nullptr;
-  auto it = open_.find(bt->second);
-  return it == open_.end() ? nullptr : &it->second;
+  if (e.conn) return open_find(e.conn);
+  if (!open_count_) return nullptr;
+  const TupleKey k = TupleKey::of(e);
+  return open_find_tuple(k, TupleIndex::hash_of(k));
 }
 
 void TimeWaitAnalyzer::on_timer(const Event& e, NoticeOut& out) {
@@ -288,8 +326,9 @@ void TimeWaitAnalyzer::on_timer(const Event& e, NoticeOut& out) {
       } else {
         // A new tw sock: its connection's CLOSE event comes next.
         const TupleKey k = TupleKey::of(e);
-        armed_[k] = Armed{e.ts_ns, e.aux, e.new_state};
-        armed_order_.emplace_back(e.ts_ns, k);
+        const uint64_t h = TupleIndex::hash_of(k);
+        armed_.get_or_insert(k, h) = Armed{e.ts_ns, e.aux, e.new_state};
+        armed_order_.push_back(TupleAt{e.ts_ns, h, k});
       }
       return;
     case TCPSCOPE_EV_TW_CANCEL:
@@ -310,9 +349,12 @@ void TimeWaitAnalyzer::on_timer(const Event& e, NoticeOut& out) {
 
 void TimeWaitAnalyzer::expire_pending(uint64_t now_ns, NoticeOut& out) {
   constexpr uint64_t kArmedTtlNs = 1'000'000'000;
-  while (!armed_order_.empty() && armed_order_.front().first + kArmedTtlNs < now_ns) {
-    auto it = armed_.find(armed_order_.front().second);
-    if (it != armed_.end() && it->second.ts_ns == armed_order_.front().first) armed_.erase(it);
+  while (!armed_order_.empty() && armed_order_.front().ts_ns + kArmedTtlNs < now_ns) {
+    const TupleAt& front = armed_order_.front();
+    if (!armed_.empty()) {
+      auto it = armed_.find(front.tuple, front.hash);
+      if (it != armed_.end() && it->second.ts_ns == front.ts_ns) armed_.erase(it);
+    }
     armed_order_.pop_front();
   }
   // A cancelled tw sock not re-armed is dead; if no new connection took its
@@ -321,48 +363,57 @@ void TimeWaitAnalyzer::expire_pending(uint64_t now_ns, NoticeOut& out) {
   while (!cancels_.empty() && cancels_.front().first + kCauseWindowNs < now_ns) {
     const auto [cancel_ns, conn] = cancels_.front();
     cancels_.pop_front();
-    auto it = open_.find(conn);
-    if (it == open_.end() || it->second.cancel_ns != cancel_ns) continue;
-    end(conn, cancel_ns, EndCause::Reset, "timer", out);
+    Tw* tw = open_find(conn);
+    if (!tw || tw->cancel_ns != cancel_ns) continue;
+    end(*tw, cancel_ns, EndCause::Reset, "timer", out);
   }
 }
 
 const TimeWaitAnalyzer::FateInfo* TimeWaitAnalyzer::fate(const TupleKey& tuple) const {
-  auto it = fates_.find(tuple);
-  return it == fates_.end() ? nullptr : &it->second;
+  const uint64_t end = fate_log_first_ + fate_log_.size();
+  if (fate_index_.size() > 2 * fate_log_.size() + 1024) {
+    // Mostly tuples whose records left the log: start afresh.
+    fate_index_.clear();
+    fate_indexed_ = fate_log_first_;
+  }
+  for (uint64_t seq = std::max(fate_indexed_, fate_log_first_); seq < end; ++seq)
+    fate_index_[fate_log_[seq - fate_log_first_].tuple] = seq;
+  fate_indexed_ = end;
+  auto it = fate_index_.find(tuple);
+  if (it == fate_index_.end() || it->second < fate_log_first_) return nullptr;
+  return &fate_log_[it->second - fate_log_first_].info;
 }
 
 std::optional<TimeWaitAnalyzer::Owner> TimeWaitAnalyzer::open_owner(uint64_t conn) const {
-  auto it = open_.find(conn);
-  if (it == open_.end()) return std::nullopt;
-  return Owner{conn, it->second.pid, it->second.comm, it->second.local_close_ns};
+  const Tw* tw = open_find(conn);
+  if (!tw) return std::nullopt;
+  return Owner{conn, tw->pid, tw->comm, tw->local_close_ns};
 }
 
 std::optional<TimeWaitAnalyzer::Owner> TimeWaitAnalyzer::open_owner_at(
     const TupleKey& tuple) const {
-  auto it = by_tuple_.find(tuple);
-  return it == by_tuple_.end() ? std::nullopt : open_owner(it->second);
+  const Tw* tw = open_find_tuple(tuple, TupleIndex::hash_of(tuple));
+  if (!tw) return std::nullopt;
+  return Owner{tw->conn, tw->pid, tw->comm, tw->local_close_ns};
 }
 
 void TimeWaitAnalyzer::set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn,
                                 const Tw* tw) {
   constexpr uint64_t kMaxAgeNs = 600'000'000'000ull;
   constexpr size_t kMaxFates = 65536;
-  while (!fate_order_.empty() &&
-         (fate_order_.size() >= kMaxFates || fate_order_.front().first + kMaxAgeNs < ts)) {
-    auto it = fates_.find(fate_order_.front().second);
-    if (it != fates_.end() && it->second.ts_ns == fate_order_.front().first) fates_.erase(it);
-    fate_order_.pop_front();
+  while (!fate_log_.empty() &&
+         (fate_log_.size() >= kMaxFates || fate_log_.front().info.ts_ns + kMaxAgeNs < ts)) {
+    fate_log_.pop_front();
+    ++fate_log_first_;
   }
-  FateInfo& f = fates_[tuple];
-  f = FateInfo{fate, ts, conn};
+  fate_log_.push_back(FateRecord{tuple, FateInfo{fate, ts, conn}});
+  FateInfo& f = fate_log_.back().info;
   if (tw) {
     f.substate = tw->substate;
     f.pid = tw->pid;
     f.comm = tw->comm;
     f.local_close_ns = tw->local_close_ns;
   }
-  fate_order_.emplace_back(ts, tuple);
 }
 
 void TimeWaitAnalyzer::not_entered(const Connection* c, const TupleKey& tuple, uint64_t conn,
@@ -394,6 +445,7 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
   tw.conn = c.id;
   tw.entered_ns = e.ts_ns;
   tw.tuple = TupleKey::of(c);
+  tw.tuple_hash = TupleIndex::hash_of(tw.tuple);
   tw.substate = fin_received ? kTcpTimeWait : kTcpFinWait2;
   tw.client = c.open_kind == OpenKind::Active ||
               (c.open_kind == OpenKind::Unknown && is_ephemeral(c.lport));
@@ -402,15 +454,15 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
   tw.local_close_ns = e.ts_ns;
   for (int i = 0; i < c.history_len; ++i)
     if (c.history_state[i] == kTcpFinWait1) tw.local_close_ns = c.history_ns[i];
-  if (open_.contains(c.id)) {
+  if (open_find(c.id)) {
     // A sweep saw the tw sock before this CLOSE event was read.
-    armed_.erase(tw.tuple);
+    armed_.erase(tw.tuple, tw.tuple_hash);
     add_tw(tw, &c, out, false);
     return;
   }
   if (timers_) {
     // tcp_time_wait() arms the tw timer before tcp_done() reports CLOSE.
-    auto it = armed_.find(tw.tuple);
+    auto it = armed_.find(tw.tuple, tw.tuple_hash);
     if (it == armed_.end()) {
       // Decided once this instant is over: an abort (TCP_ABORT_ON_DATA in
       // FIN_WAIT1/2) calls tcp_done() and sends its RST right after.
@@ -437,11 +489,10 @@ void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
                               bool preexisting) {
   EndpointStats* ep = nullptr;
   uint8_t substate = tw.substate;
-  auto existing = open_.find(tw.conn);
-  if (existing != open_.end()) {
+  if (Tw* existing = open_find(tw.conn)) {
     // Seen by a sweep before its CLOSE event was read (and so counted as
     // pre-existing): it entered during the trace, now we know when.
-    Tw& have = existing->second;
+    Tw& have = *existing;
     if (preexisting || have.entered_ns || !tw.entered_ns) return;
     if (preexisting_ > 0) --preexisting_;
     have.entered_ns = tw.entered_ns;
@@ -450,8 +501,7 @@ void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
     substate = have.substate;
     ep = capped(endpoints_, endpoint_key(have.tuple, have.client), kMaxKeys, other_endpoints_);
   } else {
-    open_[tw.conn] = tw;
-    by_tuple_[tw.tuple] = tw.conn;
+    open_add(tw);
     ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);
     if (ep) ++ep->open;
     if (tw.client) {
@@ -465,7 +515,7 @@ void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
         r->peak = std::max(r->peak, r->open);
       }
     }
-    peak_ = std::max<uint64_t>(peak_, open_.size());
+    peak_ = std::max<uint64_t>(peak_, open_count_);
     if (preexisting) {
       ++preexisting_;
       return;
@@ -523,31 +573,32 @@ void TimeWaitAnalyzer::on_tw_gone(const Event& e, NoticeOut& out) {
 }
 
 void TimeWaitAnalyzer::on_new_connection(const Tracked& t, NoticeOut& out) {
-  if (by_tuple_.empty()) return;
-  auto it = by_tuple_.find(TupleKey::of(*t.conn));
-  if (it == by_tuple_.end() || it->second == t.conn->id) return;
-  auto tw = open_.find(it->second);
-  if (tw == open_.end()) return;
+  if (!open_count_) return;
+  const TupleKey k = TupleKey::of(*t.conn);
+  Tw* tw = open_find_tuple(k, TupleIndex::hash_of(k));
+  if (!tw || tw->conn == t.conn->id) return;
   const bool passive = t.conn->open_kind == OpenKind::Passive;
   // Passive: a SYN on the tuple of our tw sock (tcp_timewait_state_process
   // returned TCP_TW_SYN) and the listener took over the tuple. Active:
   // connect() reused the tuple (tcp_tw_reuse) before it sent its SYN.
   const EndCause cause = passive ? EndCause::Recycled : EndCause::Reused;
-  if (tw->second.cancel_ns) {
-    end(tw->first, tw->second.cancel_ns, cause, "timer", out);
+  if (tw->cancel_ns) {
+    end(*tw, tw->cancel_ns, cause, "timer", out);
   } else {
-    end(tw->first, passive ? t.ev->ts_ns : t.conn->first_ns, cause, "event", out);
+    end(*tw, passive ? t.ev->ts_ns : t.conn->first_ns, cause, "event", out);
   }
 }
 
 void TimeWaitAnalyzer::end(uint64_t conn, uint64_t end_ns, EndCause cause,
                            std::string_view method, NoticeOut& out) {
-  auto it = open_.find(conn);
-  if (it == open_.end()) return;
-  const Tw tw = it->second;
-  open_.erase(it);
-  auto bt = by_tuple_.find(tw.tuple);
-  if (bt != by_tuple_.end() && bt->second == conn) by_tuple_.erase(bt);
+  if (Tw* tw = open_find(conn)) end(*tw, end_ns, cause, method, out);
+}
+
+void TimeWaitAnalyzer::end(Tw& open, uint64_t end_ns, EndCause cause, std::string_view method,
+                           NoticeOut& out) {
+  const Tw tw = open;
+  const uint64_t conn = tw.conn;
+  open_erase(open);
 
   ++ended_[static_cast<int>(cause)];
   set_fate(tw.tuple, cause == EndCause::Expired ? Fate::Expired : Fate::Killed, end_ns, conn,
@@ -637,12 +688,11 @@ void TimeWaitAnalyzer::finish(uint64_t end_ns, NoticeOut& out) {
   while (!cancels_.empty()) {
     const auto [cancel_ns, conn] = cancels_.front();
     cancels_.pop_front();
-    auto it = open_.find(conn);
-    if (it != open_.end() && it->second.cancel_ns == cancel_ns)
-      end(conn, cancel_ns, EndCause::Reset, "timer", out);
+    Tw* tw = open_find(conn);
+    if (tw && tw->cancel_ns == cancel_ns) end(*tw, cancel_ns, EndCause::Reset, "timer", out);
   }
   end_ns_ = end_ns;
-  open_at_end_ = open_.size();
+  open_at_end_ = open_count_;
 }
 
 namespace {

@@ -88,19 +88,50 @@ CloseKind Tracker::classify_close(const Connection& c) {
 }
 
 const Connection* Tracker::find(uint64_t id) const {
-  auto it = conns_.find(id);
-  return it == conns_.end() ? nullptr : &it->second;
+  return const_cast<Tracker*>(this)->lookup(id);
 }
 
-Connection& Tracker::start(const Event& ev) {
-  auto [it, inserted] = conns_.try_emplace(ev.conn);
-  Connection& c = it->second;
-  if (!inserted) {
+Connection* Tracker::lookup(uint64_t id) {
+  const uint32_t i = slot_of(id);
+  return i == kNoSlot ? nullptr : &slot(i);
+}
+
+uint32_t Tracker::slot_of(uint64_t id) const {
+  static_assert(kNoSlot == HandleIndex::kNone);
+  return index_.find(CookieHash{}(id), [&](uint32_t i) {
+    return chunks_[i / kChunk][i % kChunk].id == id;
+  });
+}
+
+// Frees a slot; id 0 marks it free.
+void Tracker::forget(uint32_t slot_index) {
+  Connection& c = slot(slot_index);
+  free_slots_.push_back(slot_index);
+  ++generations_[slot_index];
+  index_.erase(CookieHash{}(c.id), slot_index);
+  c.id = 0;
+}
+
+uint32_t Tracker::start(const Event& ev, uint32_t existing) {
+  uint32_t i = existing;
+  if (existing != kNoSlot) {
     // The same socket starts a new connection (connect() again after a
     // failure): the old lifecycle is final now.
-    finalize(c);
-    c = Connection{};
+    finalize(slot(existing));
+  } else {
+    if (!free_slots_.empty()) {
+      i = free_slots_.back();
+      free_slots_.pop_back();
+    } else {
+      if (slots_used_ % kChunk == 0) chunks_.push_back(std::make_unique<Connection[]>(kChunk));
+      i = slots_used_++;
+      generations_.push_back(0);
+    }
+    index_.insert(CookieHash{}(ev.conn), i);
   }
+  ++generations_[i];
+  Connection& c = slot(i);
+  c = Connection{};
   c.id = ev.conn;
   c.netns = ev.netns;
   c.family = ev.family;
@@ -110,8 +141,8 @@ Connection& Tracker::start(const Event& ev) {
   std::memcpy(c.raddr.data(), ev.raddr, c.raddr.size());
   c.first_ns = ev.ts_ns;
   c.open_kind = open_kind_of(ev);
-  started_.emplace_back(ev.ts_ns, ev.conn);
-  return c;
+  started_.push_back(ref(ev.ts_ns, i));
+  return i;
 }
 
 void Tracker::record_state(Connection& c, uint8_t state, uint64_t ts) {
@@ -141,18 +172,18 @@ Tracked Tracker::apply(const Event& ev) {
   // Ignored if its own events came first.
   if (ev.type == TCPSCOPE_EV_SNAPSHOT) {
     if (ev.conn == 0) return out;
-    if (auto it = conns_.find(ev.conn); it != conns_.end()) {
-      out.conn = &it->second;
+    if (const Connection* known = lookup(ev.conn)) {
+      out.conn = known;
       return out;
     }
-    Connection& c = start(ev);
+    Connection& c = slot(start(ev, kNoSlot));
     c.open_kind = ev.new_state == kTcpListen ? OpenKind::Listen : OpenKind::Unknown;
     c.snapshot = true;
     c.state = ev.new_state;
     c.state_since_ns = ev.ts_ns;
     if (ev.new_state < 32) c.visited |= 1u << ev.new_state;
     enforce_cap();
-    out.conn = find(ev.conn);
+    out.conn = &c;
     return out;
   }
   // Only the socket's own events make its lifecycle; tw timer and sweep
@@ -162,8 +193,8 @@ Tracked Tracker::apply(const Event& ev) {
                             ev.type == TCPSCOPE_EV_RESET_RECEIVED;
   if (!socket_event || ev.conn == 0) return out;
 
-  auto it = conns_.find(ev.conn);
-  Connection* c = it == conns_.end() ? nullptr : &it->second;
+  uint32_t slot_index = slot_of(ev.conn);
+  Connection* c = slot_index == kNoSlot ? nullptr : &slot(slot_index);
   const bool reopens = c && c->is_closed() && ev.type == TCPSCOPE_EV_STATE &&
                        ev.old_state == kTcpClose;
   const bool fresh = !c || reopens;
@@ -173,7 +204,8 @@ Tracked Tracker::apply(const Event& ev) {
     if (ev.type == TCPSCOPE_EV_RESET_SENT &&
         (ev.sk_flags & TCPSCOPE_SK_TIMEWAIT))
       return out;
-    c = &start(ev);
+    slot_index = start(ev, slot_index);
+    c = &slot(slot_index);
     if (ev.type == TCPSCOPE_EV_STATE) {
       // The state left is known only for a connection we saw start.
       if (c->open_kind != OpenKind::Unknown || reopens)
@@ -208,7 +240,7 @@ Tracked Tracker::apply(const Event& ev) {
         c->closed_ns = ev.ts_ns;
         c->close_from = ev.old_state;
         c->close_sk_flags = ev.sk_flags;
-        closing_.emplace_back(ev.ts_ns, c->id);
+        closing_.push_back(ref(ev.ts_ns, slot_index));
       }
       break;
     }
@@ -242,38 +274,31 @@ void Tracker::finalize(Connection& c) {
 }
 
 void Tracker::expire(uint64_t now_ns) {
-  while (!closing_.empty() &&
-         closing_.front().first + limits_.close_grace_ns < now_ns) {
-    const uint64_t id = closing_.front().second;
-    const uint64_t closed = closing_.front().first;
+  while (!closing_.empty() && closing_.front().ts_ns + limits_.close_grace_ns < now_ns) {
+    const LifecycleRef closed = closing_.front();
     closing_.pop_front();
-    auto it = conns_.find(id);
     // Skip stale entries: the id was reopened since.
-    if (it == conns_.end() || it->second.closed_ns != closed) continue;
-    finalize(it->second);
-    conns_.erase(it);
+    if (stale(closed)) continue;
+    finalize(slot(closed.slot));
+    forget(closed.slot);
   }
 }
 
 void Tracker::enforce_cap() {
   // An entry is stale once its connection ended or started again.
-  auto stale = [this](const std::pair<uint64_t, uint64_t>& s) {
-    auto it = conns_.find(s.second);
-    return it == conns_.end() || it->second.first_ns != s.first;
-  };
-  if (started_.size() > 2 * conns_.size() + 1024) std::erase_if(started_, stale);
-  while (conns_.size() > limits_.max_connections) {
+  if (started_.size() > 2 * size() + 1024)
+    std::erase_if(started_, [this](const LifecycleRef& r) { return stale(r); });
+  while (size() > limits_.max_connections) {
     if (!closing_.empty()) {
-      expire(closing_.front().first + limits_.close_grace_ns + 1);
+      expire(closing_.front().ts_ns + limits_.close_grace_ns + 1);
       continue;
     }
     if (started_.empty()) break;
-    const auto entry = started_.front();
+    const LifecycleRef entry = started_.front();
     started_.pop_front();
     if (stale(entry)) continue;
-    auto it = conns_.find(entry.second);
-    finalize(it->second);
-    conns_.erase(it);
+    finalize(slot(entry.slot));
+    forget(entry.slot);
     ++evicted_;
   }
 }
@@ -282,13 +307,18 @@ void Tracker::finish(uint64_t end_ns) {
   if (end_ns > last_ns_) last_ns_ = end_ns;
   // Final order: by start time, so reports do not depend on hash order.
   std::vector<Connection*> all;
-  all.reserve(conns_.size());
-  for (auto& [id, c] : conns_) all.push_back(&c);
+  all.reserve(size());
+  for (uint32_t i = 0; i < slots_used_; ++i)
+    if (slot(i).id) all.push_back(&slot(i));
   std::sort(all.begin(), all.end(), [](const Connection* a, const Connection* b) {
     return a->first_ns != b->first_ns ? a->first_ns < b->first_ns : a->id < b->id;
   });
   for (Connection* c : all) finalize(*c);
-  conns_.clear();
+  index_ = HandleIndex{};
+  chunks_.clear();
+  free_slots_.clear();
+  generations_.clear();
+  slots_used_ = 0;
   closing_.clear();
   started_.clear();
 }

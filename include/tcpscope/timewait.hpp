@@ -14,6 +14,7 @@
 #include <optional>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "tcpscope/flat_hash_map.hpp"
@@ -95,8 +96,8 @@ class TimeWaitAnalyzer final : public Analyzer {
   // Null if the tuple had no TIME_WAIT decision recently (10 minutes).
   const FateInfo* fate(const TupleKey& tuple) const;
   // Timewait socks open now.
-  size_t open_count() const { return open_.size(); }
-  bool is_open(uint64_t conn) const { return open_.contains(conn); }
+  size_t open_count() const { return open_count_; }
+  bool is_open(uint64_t conn) const { return open_find(conn) != nullptr; }
   struct Owner {
     uint64_t conn = 0;
     uint32_t pid = 0;
@@ -113,6 +114,7 @@ class TimeWaitAnalyzer final : public Analyzer {
     uint64_t entered_ns = 0;  // 0: predates the trace
     uint64_t expires_ns = 0;
     uint64_t cancel_ns = 0;   // timer cancelled: killed unless re-armed
+    uint64_t tuple_hash = 0;  // TupleIndex::hash_of(tuple); 0: not yet known
     TupleKey tuple;
     uint8_t substate = kTcpTimeWait;
     bool client = false;  // we opened it: the local port is ephemeral
@@ -160,6 +162,19 @@ class TimeWaitAnalyzer final : public Analyzer {
   Tw* find(const Event& e);
   void end(uint64_t conn, uint64_t end_ns, EndCause cause, std::string_view method,
            NoticeOut& out);
+  void end(Tw& tw, uint64_t end_ns, EndCause cause, std::string_view method, NoticeOut& out);
+
+  // The open tw socks, by cookie and by tuple (the latest one added).
+  const Tw* open_find(uint64_t conn) const;
+  Tw* open_find(uint64_t conn) {
+    return const_cast<Tw*>(std::as_const(*this).open_find(conn));
+  }
+  const Tw* open_find_tuple(const TupleKey& tuple, uint64_t tuple_hash) const;
+  Tw* open_find_tuple(const TupleKey& tuple, uint64_t tuple_hash) {
+    return const_cast<Tw*>(std::as_const(*this).open_find_tuple(tuple, tuple_hash));
+  }
+  Tw& open_add(const Tw& tw);
+  void open_erase(const Tw& tw);
   void on_tw_seen(const Event& e);
   void on_tw_gone(const Event& e, NoticeOut& out);
   void on_new_connection(const Tracked& t, NoticeOut& out);
@@ -181,17 +196,38 @@ class TimeWaitAnalyzer final : public Analyzer {
     return port_lo_ && port >= port_lo_ && port <= port_hi_;
   }
 
+  // Tables by tuple share the hasher: a tuple is hashed once for all.
+  using TupleIndex = FlatHashMap<TupleKey, uint64_t, TupleKeyHash>;
+  struct TupleAt {
+    uint64_t ts_ns = 0;
+    uint64_t hash = 0;
+    TupleKey tuple;
+  };
+
   int top_n_;
   bool timers_ = false, sweeping_ = false;
-  FlatHashMap<uint64_t, Tw> open_;
+  // Open tw socks: records in a slab, found through compact indexes (a
+  // table holding the records was the consumer's costliest cache misses).
+  std::vector<Tw> open_slab_;
+  std::vector<uint32_t> open_free_;
+  size_t open_count_ = 0;
+  HandleIndex open_by_conn_;
+  HandleIndex open_by_tuple_;
   FlatHashMap<TupleKey, Armed, TupleKeyHash> armed_;
-  std::deque<std::pair<uint64_t, TupleKey>> armed_order_;
+  std::deque<TupleAt> armed_order_;
   std::deque<std::pair<uint64_t, uint64_t>> cancels_;  // (cancel_ns, conn)
   std::unordered_map<uint64_t, PendingEntry> pending_;  // by conn
   std::deque<uint64_t> pending_order_;
-  FlatHashMap<TupleKey, FateInfo, TupleKeyHash> fates_;
-  std::deque<std::pair<uint64_t, TupleKey>> fate_order_;
-  FlatHashMap<TupleKey, uint64_t, TupleKeyHash> by_tuple_;
+  // Fates are written for every tw sock that ends but read only to explain
+  // a rare reset: they go to a log, indexed by tuple only when asked.
+  struct FateRecord {
+    TupleKey tuple;
+    FateInfo info;
+  };
+  std::deque<FateRecord> fate_log_;  // oldest first
+  uint64_t fate_log_first_ = 0;      // sequence number of fate_log_.front()
+  mutable TupleIndex fate_index_;    // tuple -> sequence number of its latest
+  mutable uint64_t fate_indexed_ = 0;  // records before this one are indexed
   // Per local endpoint (client sockets: local port 0 = "ephemeral").
   std::unordered_map<TupleKey, EndpointStats, TupleKeyHash> endpoints_;
   std::unordered_map<TupleKey, RemoteStats, TupleKeyHash> remotes_;

@@ -7,10 +7,12 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <string_view>
-#include <unordered_map>
+#include <vector>
 
 #include "tcpscope/event.hpp"
+#include "tcpscope/flat_hash_map.hpp"
 
 namespace tcpscope {
 
@@ -39,45 +41,47 @@ std::string_view close_kind_name(CloseKind kind);
 struct Connection {
   static constexpr int kHistory = 12;
 
+  // Laid out by use: the first cache line holds all that every event and
+  // classify_close() read; the history and the retransmit figures, written
+  // once per state or retransmit, come last.
   uint64_t id = 0;  // socket cookie
-  uint32_t netns = 0;
-  uint8_t family = 0;
-  uint16_t lport = 0, rport = 0;
-  std::array<uint8_t, 16> laddr{}, raddr{};
-
-  // Owner, as the kernel side learnt it (never a softirq victim).
-  uint32_t pid = 0;
-  std::array<char, 16> comm{};
-  uint8_t owner_src = TCPSCOPE_OWNER_NONE;
-
-  OpenKind open_kind = OpenKind::Unknown;
-  CloseKind close_kind = CloseKind::Open;
-  uint8_t state = 0;          // current kernel state (0 = not known yet)
   uint64_t first_ns = 0;      // first event seen
   uint64_t state_since_ns = 0;
   uint64_t closed_ns = 0;     // transition to CLOSE, 0 while open
-  uint8_t close_from = 0;     // state left for CLOSE
-  uint8_t close_sk_flags = 0; // tcpscope_sk_flags at the CLOSE transition
+  uint64_t last_reset_sent_ns = 0, last_reset_received_ns = 0;
   uint32_t visited = 0;       // bit (1 << state) for every state entered
+  uint32_t resets_sent = 0, resets_received = 0;
+  uint8_t state = 0;          // current kernel state (0 = not known yet)
+  uint8_t close_from = 0;     // state left for CLOSE
+  OpenKind open_kind = OpenKind::Unknown;
+  CloseKind close_kind = CloseKind::Open;
+
+  uint32_t last_reset_reason = 0;  // of the last reset we sent
+  uint32_t netns = 0;
+  // Owner, as the kernel side learnt it (never a softirq victim).
+  uint32_t pid = 0;
+  uint16_t lport = 0, rport = 0;
+  uint8_t family = 0;
+  uint8_t owner_src = TCPSCOPE_OWNER_NONE;
+  uint8_t close_sk_flags = 0; // tcpscope_sk_flags at the CLOSE transition
   bool snapshot = false;      // found by the start-up snapshot (SNAPSHOT
                               // record): it predates the trace
-
-  // The states in order, with entry times; the first kHistory only.
-  std::array<uint64_t, kHistory> history_ns{};
-  std::array<uint8_t, kHistory> history_state{};
+  uint8_t last_reset_flags = 0;    // flags of the segment that drew it
   uint8_t history_len = 0;
   uint16_t history_dropped = 0;
+  std::array<char, 16> comm{};
+  std::array<uint8_t, 16> laddr{};
+  uint32_t retransmits = 0;  // read by every connection's end
+  uint32_t fin_retransmits = 0;
+  std::array<uint8_t, 16> raddr{};
 
-  uint32_t retransmits = 0;
-  uint64_t first_retransmit_ns = 0, last_retransmit_ns = 0;
+  // The states in order, with entry times; the first kHistory only.
+  std::array<uint8_t, kHistory> history_state{};
   uint8_t last_retransmit_state = 0;
   uint16_t retransmit_states = 0;  // bit per state retransmitted in
-  uint32_t fin_retransmits = 0;
+  std::array<uint64_t, kHistory> history_ns{};
 
-  uint32_t resets_sent = 0, resets_received = 0;
-  uint32_t last_reset_reason = 0;  // of the last reset we sent
-  uint8_t last_reset_flags = 0;    // flags of the segment that drew it
-  uint64_t last_reset_sent_ns = 0, last_reset_received_ns = 0;
+  uint64_t first_retransmit_ns = 0, last_retransmit_ns = 0;
 
   bool visited_state(uint8_t s) const { return visited & (1u << s); }
   bool is_closed() const { return closed_ns != 0; }
@@ -117,7 +121,7 @@ class Tracker {
   void finish(uint64_t end_ns);
 
   const Connection* find(uint64_t id) const;
-  size_t size() const { return conns_.size(); }
+  size_t size() const { return index_.size(); }
   uint64_t evicted() const { return evicted_; }
   uint64_t last_ns() const { return last_ns_; }
 
@@ -125,17 +129,45 @@ class Tracker {
   static CloseKind classify_close(const Connection& c);
 
  private:
-  Connection& start(const Event& ev);
+  static constexpr uint32_t kNoSlot = UINT32_MAX;
+  // Starts ev.conn's lifecycle in slot `existing` (its previous one, now
+  // final) or, if kNoSlot, in a new slot, which it returns.
+  uint32_t start(const Event& ev, uint32_t existing);
   void record_state(Connection& c, uint8_t state, uint64_t ts);
   void expire(uint64_t now_ns);
   void finalize(Connection& c);
   void enforce_cap();
 
+  Connection* lookup(uint64_t id);
+  uint32_t slot_of(uint64_t id) const;  // kNoSlot if not tracked
+  void forget(uint32_t slot_index);
+  Connection& slot(uint32_t i) { return chunks_[i / kChunk][i % kChunk]; }
+
+  // A lifecycle in a queue: stale once its slot's generation moved on (the
+  // connection ended or started again), told without a hash lookup.
+  struct LifecycleRef {
+    uint64_t ts_ns = 0;
+    uint32_t slot = 0;
+    uint32_t generation = 0;
+  };
+  LifecycleRef ref(uint64_t ts_ns, uint32_t slot) const {
+    return {ts_ns, slot, generations_[slot]};
+  }
+  bool stale(const LifecycleRef& r) const { return generations_[r.slot] != r.generation; }
+
   TrackerLimits limits_;
   EndFn on_end_;
-  std::unordered_map<uint64_t, Connection> conns_;
-  std::deque<std::pair<uint64_t, uint64_t>> closing_;  // (closed_ns, id)
-  std::deque<std::pair<uint64_t, uint64_t>> started_;  // (first_ns, id)
+  // Connections live in fixed-size chunks, found by cookie through a flat
+  // index: no allocation per connection, and a Connection's address stays
+  // valid while others come and go (a Tracked outlives evictions it causes).
+  static constexpr uint32_t kChunk = 1024;
+  HandleIndex index_;  // cookie -> slot
+  std::vector<std::unique_ptr<Connection[]>> chunks_;
+  std::vector<uint32_t> free_slots_;
+  std::vector<uint32_t> generations_;  // per slot: lifecycles begun or ended
+  uint32_t slots_used_ = 0;            // slots ever handed out
+  std::deque<LifecycleRef> closing_;   // by closed_ns
+  std::deque<LifecycleRef> started_;   // by first_ns
   uint64_t evicted_ = 0;
   uint64_t last_ns_ = 0;
 };
