@@ -943,9 +943,9 @@ int tw_expire_tp(struct trace_event_raw_timer_expire_entry *ctx)
 
 /* ---- iter/tcp: timewait sweep and socket snapshot ------------------------ */
 
-/* Set by user space before each pass: 0 = timewait socks only (the periodic
- * sweep), 1 = every socket (start-up snapshot). */
-volatile __u32 iter_all_sockets = 0;
+/* Set by user space before each pass: enum tcpscope_iter_pass. Only what the
+ * pass needs is copied out: a busy host has far more sockets than either. */
+volatile __u32 iter_pass = TCPSCOPE_ITER_TIME_WAIT;
 
 static __always_inline void record__tuple(const struct sock_common *skc,
 					  struct tcpscope_sock_record *r)
@@ -973,7 +973,9 @@ int sock_iter(struct bpf_iter__tcp *ctx)
 	if (!skc)
 		return 0;
 	state = BPF_CORE_READ(skc, skc_state);
-	if (state != TCP_TIME_WAIT && !iter_all_sockets)
+	if (iter_pass == TCPSCOPE_ITER_TIME_WAIT && state != TCP_TIME_WAIT)
+		return 0;
+	if (iter_pass == TCPSCOPE_ITER_CLOSE_WAIT && state != TCP_CLOSE_WAIT)
 		return 0;
 	record__tuple(skc, &r);
 	/* Same netns/family/port filters as the tracepoints. */

@@ -164,8 +164,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     consume(e);
   };
   tracer.on_event(feed);
-  const auto read_all = [&tracer](std::vector<SockRecord>& out) {
-    return tracer.read_sockets(true, out);
+  const auto read_close_wait = [&tracer](std::vector<SockRecord>& out) {
+    return tracer.read_sockets(TCPSCOPE_ITER_CLOSE_WAIT, out);
   };
   // Decisions that wait on event time (a cancelled tw timer's cause, an
   // unpaired reset, a CLOSE_WAIT crossing) need time to pass without traffic.
@@ -229,7 +229,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     seen_at_snapshot = &seen;
     tracer.consume();
     std::vector<SockRecord> socks;
-    auto got = tracer.read_sockets(true, socks);
+    auto got = tracer.read_sockets(TCPSCOPE_ITER_ALL, socks);
     // Events from before and during the pass go first; a socket that had
     // some is not pre-existing (it may even have left the state seen).
     tracer.consume();
@@ -276,7 +276,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   auto run_sweep = [&](bool initial) {
     tracer.consume();  // entries first: a tw's CLOSE event precedes its sighting
     const uint64_t t0 = boottime_now_ns();
-    auto got = tracer.read_sockets(false, records);
+    auto got = tracer.read_sockets(TCPSCOPE_ITER_TIME_WAIT, records);
     const uint64_t t1 = boottime_now_ns();
     if (!got) {
       spdlog::warn("TIME_WAIT sweep failed: {}", got.error().message);
@@ -324,7 +324,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     }
     const uint64_t now = boottime_now_ns();
     if (sweeping && now >= next_sweep) run_sweep(false);
-    if (holders.tracking() || holders.busy()) holders.step(now, read_all, feed);
+    if (holders.tracking() || holders.busy()) holders.step(now, read_close_wait, feed);
     if (now >= next_tick) {
       Event tick{};
       tick.type = TCPSCOPE_EV_TICK;

@@ -265,40 +265,42 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
 
 const TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::open_find(uint64_t conn) const {
   const uint32_t i = open_by_conn_.find(
-      CookieHash{}(conn), [&](uint32_t h) { return open_slab_[h].conn == conn; });
-  return i == HandleIndex::kNone ? nullptr : &open_slab_[i];
+      CookieHash{}(conn), [&](uint32_t h) { return open_slot(h).conn == conn; });
+  return i == HandleIndex::kNone ? nullptr : &open_slot(i);
 }
 
 const TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::open_find_tuple(const TupleKey& tuple,
                                                               uint64_t tuple_hash) const {
   const uint32_t i = open_by_tuple_.find(
-      tuple_hash, [&](uint32_t h) { return open_slab_[h].tuple == tuple; });
-  return i == HandleIndex::kNone ? nullptr : &open_slab_[i];
+      tuple_hash, [&](uint32_t h) { return open_slot(h).tuple == tuple; });
+  return i == HandleIndex::kNone ? nullptr : &open_slot(i);
 }
 
 TimeWaitAnalyzer::Tw& TimeWaitAnalyzer::open_add(const Tw& tw) {
+  static_assert(sizeof(Tw) <= 120, "Tw::slot should fit in padding");
   uint32_t i;
   if (!open_free_.empty()) {
     i = open_free_.back();
     open_free_.pop_back();
   } else {
-    i = static_cast<uint32_t>(open_slab_.size());
-    open_slab_.emplace_back();
+    if (open_used_ % kOpenChunk == 0) open_chunks_.push_back(std::make_unique<Tw[]>(kOpenChunk));
+    i = open_used_++;
   }
-  Tw& added = open_slab_[i];
+  Tw& added = open_slot(i);
   added = tw;
+  added.slot = i;
   if (!added.tuple_hash) added.tuple_hash = TupleIndex::hash_of(tw.tuple);
   open_by_conn_.insert(CookieHash{}(tw.conn), i);
   // The tuple names the latest tw sock on it.
   if (const Tw* before = open_find_tuple(added.tuple, added.tuple_hash))
-    open_by_tuple_.erase(added.tuple_hash, static_cast<uint32_t>(before - open_slab_.data()));
+    open_by_tuple_.erase(added.tuple_hash, before->slot);
   open_by_tuple_.insert(added.tuple_hash, i);
   ++open_count_;
   return added;
 }
 
 void TimeWaitAnalyzer::open_erase(const Tw& tw) {
-  const auto i = static_cast<uint32_t>(&tw - open_slab_.data());
+  const uint32_t i = tw.slot;
   open_by_conn_.erase(CookieHash{}(tw.conn), i);
   open_by_tuple_.erase(tw.tuple_hash, i);  // if the tuple still names it
   open_free_.push_back(i);

@@ -308,10 +308,10 @@ int BpfTracer::poll(int timeout_ms) {
   return (n > 0 ? n : 0) + (m > 0 ? m : 0);
 }
 
-Result<size_t> BpfTracer::read_sockets(bool all, std::vector<SockRecord>& out) {
+Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out) {
   out.clear();
   if (!iter_link_) return Error{"no iter/tcp program"};
-  skel_->bss->iter_all_sockets = all ? 1 : 0;
+  skel_->bss->iter_pass = pass;
   // iter/tcp walks the namespace of the task that creates the iterator:
   // create it from a thread that joined the traced namespace.
   int fd = -1, err = 0;

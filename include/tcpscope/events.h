@@ -148,6 +148,13 @@ enum tcpscope_proc_text {
 #define TCPSCOPE_CMDLINE_MAX 2048
 #define TCPSCOPE_CGROUP_MAX 256
 
+/* Which sockets one iter/tcp pass reports (set in .bss before the pass). */
+enum tcpscope_iter_pass {
+	TCPSCOPE_ITER_TIME_WAIT = 0,  /* timewait socks: the periodic sweep */
+	TCPSCOPE_ITER_ALL = 1,	      /* every socket: start-up snapshot */
+	TCPSCOPE_ITER_CLOSE_WAIT = 2, /* CLOSE_WAIT sockets: holder resolution */
+};
+
 /* How the owner (pid, comm) of the connection was learnt. */
 enum tcpscope_owner_source {
 	TCPSCOPE_OWNER_NONE = 0,     /* not known (socket predates tcpscope) */

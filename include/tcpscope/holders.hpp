@@ -51,7 +51,8 @@ using DirPtr = std::unique_ptr<DIR, DirCloser>;
 class HolderResolver {
  public:
   using Emit = std::function<void(const Event&)>;
-  // One pass of iter/tcp over every socket (BpfTracer::read_sockets(true)).
+  // One pass of iter/tcp over the CLOSE_WAIT sockets
+  // (BpfTracer::read_sockets(TCPSCOPE_ITER_CLOSE_WAIT)); others are skipped.
   using ReadSockets = std::function<Result<size_t>(std::vector<SockRecord>&)>;
 
   explicit HolderResolver(HolderResolverConfig cfg) : cfg_(std::move(cfg)) {}

@@ -11,6 +11,7 @@
 #include <deque>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string_view>
 #include <unordered_map>
@@ -120,6 +121,7 @@ class TimeWaitAnalyzer final : public Analyzer {
     bool client = false;  // we opened it: the local port is ephemeral
     uint32_t pid = 0;     // owner of the connection
     std::array<char, 16> comm{};
+    uint32_t slot = 0;  // its index in the slab (open_add sets it); fills padding
     uint64_t local_close_ns = 0;  // FIN_WAIT1 entry, else entered_ns
   };
   // A tw timer armed for a tuple whose CLOSE event is next.
@@ -174,6 +176,10 @@ class TimeWaitAnalyzer final : public Analyzer {
     return const_cast<Tw*>(std::as_const(*this).open_find_tuple(tuple, tuple_hash));
   }
   Tw& open_add(const Tw& tw);
+  Tw& open_slot(uint32_t i) { return open_chunks_[i / kOpenChunk][i % kOpenChunk]; }
+  const Tw& open_slot(uint32_t i) const {
+    return open_chunks_[i / kOpenChunk][i % kOpenChunk];
+  }
   void open_erase(const Tw& tw);
   void on_tw_seen(const Event& e);
   void on_tw_gone(const Event& e, NoticeOut& out);
@@ -208,8 +214,12 @@ class TimeWaitAnalyzer final : public Analyzer {
   bool timers_ = false, sweeping_ = false;
   // Open tw socks: records in a slab, found through compact indexes (a
   // table holding the records was the consumer's costliest cache misses).
-  std::vector<Tw> open_slab_;
+  // Fixed-size chunks: growth never copies live records (a doubling vector
+  // peaked at three times the live size) and references stay valid.
+  static constexpr uint32_t kOpenChunk = 1024;
+  std::vector<std::unique_ptr<Tw[]>> open_chunks_;
   std::vector<uint32_t> open_free_;
+  uint32_t open_used_ = 0;  // slots ever handed out
   size_t open_count_ = 0;
   HandleIndex open_by_conn_;
   HandleIndex open_by_tuple_;

@@ -33,7 +33,7 @@ struct Filters {
 struct TraceConfig {
   Filters filters;
   std::optional<AttachMode> force_mode;  // else the best the kernel has
-  uint32_t ring_bytes = 16u << 20;
+  uint32_t ring_bytes = 8u << 20;  // mapped twice: counts 16 MiB of RSS
   uint32_t max_sockets = 262144;
   uint64_t wakeup_bytes = 256 * 1024;    // batch consumer wake-ups
   bool io_owner = true;                  // attach sock_{send,recv}_length
@@ -133,9 +133,9 @@ class BpfTracer {
   bool tw_timers_on() const { return tw_timers_on_; }
   // The iter/tcp program loaded and attached (TIME_WAIT sweep, snapshot).
   bool has_sock_iter() const { return iter_link_ != nullptr; }
-  // One pass of iter/tcp: timewait socks only, or every socket (all). The
-  // filters apply as for events. Reuses out's storage.
-  Result<size_t> read_sockets(bool all, std::vector<SockRecord>& out);
+  // One pass of iter/tcp over the sockets of a kind (timewait, CLOSE_WAIT or
+  // all). The filters apply as for events. Reuses out's storage.
+  Result<size_t> read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out);
 
  private:
   BpfTracer() = default;
