@@ -288,6 +288,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     // CLOSE like a TIME_WAIT that never was.
     tracer.consume();
     sweep.apply(t0, t1, cfg_.tw_sweep_ms, records, initial, report_preexisting, consume);
+    // Seconds pass before the next pass: give a large one's storage back.
+    if (records.capacity() * sizeof(SockRecord) > (1u << 20)) std::vector<SockRecord>().swap(records);
     next_sweep = t0 + static_cast<uint64_t>(cfg_.tw_sweep_ms) * 1'000'000;
   };
   if (sweeping) run_sweep(true);

@@ -1,4 +1,5 @@
 // tcpscope: live TCP connection-lifecycle tracer.
+#include <malloc.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/signalfd.h>
@@ -109,6 +110,10 @@ int run_trace(const Options& o) {
 
 int main(int argc, char** argv) {
   using namespace tcpscope;
+  // Large buffers (a sweep over a busy host's tw socks is megabytes) come
+  // from mmap and go back at free. glibc's default threshold rises after
+  // such a free, and the next ones then stay in the heap for good.
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   auto parsed = parse_command_line(argc, argv);
   if (!parsed) {
     fail(parsed.error());

@@ -65,6 +65,18 @@ size_t TupleKeyHash::operator()(const TupleKey& k) const {
 
 // ---- TimeWaitSweep ---------------------------------------------------------------
 
+Event TimeWaitSweep::record_of(uint64_t conn, const Known& k) {
+  Event e{};
+  e.conn = conn;
+  e.netns = k.netns;
+  e.family = k.family;
+  e.lport = k.lport;
+  e.rport = k.rport;
+  std::memcpy(e.laddr, k.laddr.data(), 16);
+  std::memcpy(e.raddr, k.raddr.data(), 16);
+  return e;
+}
+
 void TimeWaitSweep::apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
                           const std::vector<SockRecord>& tws, bool initial,
                           bool report_new_initial, const Emit& emit) {
@@ -81,17 +93,15 @@ void TimeWaitSweep::apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_
     k.substate = r.substate;
     k.pass = pass_;
     if (inserted) {
-      Event& t = k.tuple;
-      t.conn = r.conn;
-      t.netns = r.netns;
-      t.family = r.family;
-      t.lport = r.lport;
-      t.rport = r.rport;
-      std::memcpy(t.laddr, r.laddr, 16);
-      std::memcpy(t.raddr, r.raddr, 16);
+      k.netns = r.netns;
+      k.family = r.family;
+      k.lport = r.lport;
+      k.rport = r.rport;
+      std::memcpy(k.laddr.data(), r.laddr, 16);
+      std::memcpy(k.raddr.data(), r.raddr, 16);
     }
     if ((inserted && (!initial || report_new_initial)) || changed) {
-      Event e = k.tuple;
+      Event e = record_of(r.conn, k);
       e.type = TCPSCOPE_EV_TW_SEEN;
       e.ts_ns = r.ts_ns;
       e.old_state = kTcpTimeWait;
@@ -107,7 +117,7 @@ void TimeWaitSweep::apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_
       continue;
     }
     const Known& k = it->second;
-    Event e = k.tuple;
+    Event e = record_of(it->first, k);
     e.type = TCPSCOPE_EV_TW_GONE;
     e.ts_ns = start_ns;
     const uint64_t gap_us = start_ns > k.last_seen_ns ? (start_ns - k.last_seen_ns) / 1000 : 0;

@@ -55,13 +55,18 @@ class TimeWaitSweep {
   size_t known() const { return known_.size(); }
 
  private:
+  // One per tw sock on the host: only what its records repeat.
   struct Known {
-    Event tuple;  // conn, netns, family, ports, addresses
     uint64_t last_seen_ns = 0;
     uint64_t expires_ns = 0;
-    uint8_t substate = 0;
+    uint32_t netns = 0;
     uint32_t pass = 0;
+    uint16_t lport = 0, rport = 0;
+    uint8_t family = 0;
+    uint8_t substate = 0;
+    std::array<uint8_t, 16> laddr{}, raddr{};
   };
+  static Event record_of(uint64_t conn, const Known& k);
   std::unordered_map<uint64_t, Known> known_;
   uint32_t pass_ = 0;
 };
