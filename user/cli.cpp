@@ -119,7 +119,8 @@ Result<Options> parse_command_line(int argc, char** argv) {
       ->check(CLI::Range(1u, 1000000u));
   record_cmd->add_option("--compress", compress, "zstd (default) or none")
       ->check(CLI::IsMember({"zstd", "none"}));
-  record_cmd->add_option("--zstd-level", r.zstd_level, "zstd level (default 1: fastest)")->check(CLI::Range(1, 19));
+  record_cmd->add_option("--zstd-level", r.zstd_level, "zstd level (default 1: fastest)")
+      ->check(CLI::Range(1, 19));
   record_cmd->add_option("--ring", ring,
                          "Flight recorder: keep the last SIZE of events in memory (e.g. 64M) and "
                          "write them on SIGUSR1, on exit or when a trigger fires");

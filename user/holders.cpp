@@ -59,16 +59,6 @@ bool socket_inode(const char* link, size_t len, uint64_t& ino) {
   return ec == std::errc() && p == link + len - 1;
 }
 
-void copy_tuple(Event& e, const SockRecord& r) {
-  e.conn = r.conn;
-  e.netns = r.netns;
-  e.family = r.family;
-  e.lport = r.lport;
-  e.rport = r.rport;
-  std::memcpy(e.laddr, r.laddr, 16);
-  std::memcpy(e.raddr, r.raddr, 16);
-}
-
 }  // namespace
 
 void HolderResolver::observe(const Event& e) {

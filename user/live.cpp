@@ -246,13 +246,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
         Event e{};
         e.type = TCPSCOPE_EV_SNAPSHOT;
         e.ts_ns = r.ts_ns;
-        e.conn = r.conn;
-        e.netns = r.netns;
-        e.family = r.family;
-        e.lport = r.lport;
-        e.rport = r.rport;
-        std::memcpy(e.laddr, r.laddr, sizeof(e.laddr));
-        std::memcpy(e.raddr, r.raddr, sizeof(e.raddr));
+        copy_tuple(e, r);
         e.old_state = e.new_state = r.state;
         e.rx_queue = r.rx_queue;
         e.tx_queue = r.tx_queue;
@@ -289,7 +283,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     tracer.consume();
     sweep.apply(t0, t1, cfg_.tw_sweep_ms, records, initial, report_preexisting, consume);
     // Seconds pass before the next pass: give a large one's storage back.
-    if (records.capacity() * sizeof(SockRecord) > (1u << 20)) std::vector<SockRecord>().swap(records);
+    if (records.capacity() * sizeof(SockRecord) > (1u << 20))
+      std::vector<SockRecord>().swap(records);
     next_sweep = t0 + static_cast<uint64_t>(cfg_.tw_sweep_ms) * 1'000'000;
   };
   if (sweeping) run_sweep(true);

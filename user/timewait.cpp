@@ -20,16 +20,25 @@ TupleKey TupleKey::of(const Connection& c) {
   return k;
 }
 
-TupleKey TupleKey::of(const Event& e) {
+namespace {
+
+// Events and iter/tcp records name the tuple with the same fields.
+template <typename Record>
+TupleKey tuple_of(const Record& r) {
   TupleKey k;
-  k.netns = e.netns;
-  k.family = e.family;
-  k.lport = e.lport;
-  k.rport = e.rport;
-  std::memcpy(k.laddr.data(), e.laddr, 16);
-  std::memcpy(k.raddr.data(), e.raddr, 16);
+  k.netns = r.netns;
+  k.family = r.family;
+  k.lport = r.lport;
+  k.rport = r.rport;
+  std::memcpy(k.laddr.data(), r.laddr, 16);
+  std::memcpy(k.raddr.data(), r.raddr, 16);
   return k;
 }
+
+}  // namespace
+
+TupleKey TupleKey::of(const Event& e) { return tuple_of(e); }
+TupleKey TupleKey::of(const SockRecord& r) { return tuple_of(r); }
 
 Connection describe_connection(const TupleKey& k, uint64_t conn, uint32_t pid,
                                const std::array<char, 16>& comm) {
@@ -68,12 +77,12 @@ size_t TupleKeyHash::operator()(const TupleKey& k) const {
 Event TimeWaitSweep::record_of(uint64_t conn, const Known& k) {
   Event e{};
   e.conn = conn;
-  e.netns = k.netns;
-  e.family = k.family;
-  e.lport = k.lport;
-  e.rport = k.rport;
-  std::memcpy(e.laddr, k.laddr.data(), 16);
-  std::memcpy(e.raddr, k.raddr.data(), 16);
+  e.netns = k.tuple.netns;
+  e.family = k.tuple.family;
+  e.lport = k.tuple.lport;
+  e.rport = k.tuple.rport;
+  std::memcpy(e.laddr, k.tuple.laddr.data(), 16);
+  std::memcpy(e.raddr, k.tuple.raddr.data(), 16);
   return e;
 }
 
@@ -92,14 +101,7 @@ void TimeWaitSweep::apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_
     k.expires_ns = r.expires_ns;
     k.substate = r.substate;
     k.pass = pass_;
-    if (inserted) {
-      k.netns = r.netns;
-      k.family = r.family;
-      k.lport = r.lport;
-      k.rport = r.rport;
-      std::memcpy(k.laddr.data(), r.laddr, 16);
-      std::memcpy(k.raddr.data(), r.raddr, 16);
-    }
+    if (inserted) k.tuple = TupleKey::of(r);
     if ((inserted && (!initial || report_new_initial)) || changed) {
       Event e = record_of(r.conn, k);
       e.type = TCPSCOPE_EV_TW_SEEN;

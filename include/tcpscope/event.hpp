@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string_view>
 
 extern "C" {
@@ -25,6 +26,17 @@ static_assert(offsetof(Event, aux) == 120);
 
 using SockRecord = tcpscope_sock_record;
 static_assert(sizeof(SockRecord) == TCPSCOPE_SOCK_RECORD_SIZE, "sock record size drifted");
+
+// An iter/tcp record's connection id and tuple into an event.
+inline void copy_tuple(Event& e, const SockRecord& r) {
+  e.conn = r.conn;
+  e.netns = r.netns;
+  e.family = r.family;
+  e.lport = r.lport;
+  e.rport = r.rport;
+  std::memcpy(e.laddr, r.laddr, sizeof(e.laddr));
+  std::memcpy(e.raddr, r.raddr, sizeof(e.raddr));
+}
 
 // Kernel TCP states (include/net/tcp_states.h).
 enum TcpState : uint8_t {

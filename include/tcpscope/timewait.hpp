@@ -33,6 +33,7 @@ struct TupleKey {
   bool operator==(const TupleKey&) const = default;
   static TupleKey of(const Connection& c);
   static TupleKey of(const Event& e);
+  static TupleKey of(const SockRecord& r);
 };
 struct TupleKeyHash {
   size_t operator()(const TupleKey& k) const;
@@ -57,14 +58,11 @@ class TimeWaitSweep {
  private:
   // One per tw sock on the host: only what its records repeat.
   struct Known {
+    TupleKey tuple;
+    uint32_t pass = 0;
     uint64_t last_seen_ns = 0;
     uint64_t expires_ns = 0;
-    uint32_t netns = 0;
-    uint32_t pass = 0;
-    uint16_t lport = 0, rport = 0;
-    uint8_t family = 0;
     uint8_t substate = 0;
-    std::array<uint8_t, 16> laddr{}, raddr{};
   };
   static Event record_of(uint64_t conn, const Known& k);
   std::unordered_map<uint64_t, Known> known_;
