@@ -125,8 +125,6 @@ Result<std::unique_ptr<LiveSession>> LiveSession::start(TraceConfig cfg,
   if (auto err = check_privileges()) return *err;
   std::unique_ptr<LiveSession> s(new LiveSession());
   for (const auto& f : disabled) s->features_.disable(f);
-  // Batch wake-ups, but never past an eighth of the ring.
-  cfg.wakeup_bytes = std::min<uint64_t>(cfg.wakeup_bytes, cfg.ring_bytes / 8);
   s->cfg_ = cfg;
   auto tracer = BpfTracer::start(cfg, s->features_);
   if (!tracer) return tracer.error();

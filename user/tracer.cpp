@@ -174,12 +174,14 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   s->rodata->cfg_lport = f.lport;
   s->rodata->cfg_rport = f.rport;
   s->rodata->cfg_family = f.family;
-  // A wake-up per wakeup_bytes of records, counted per CPU (a shared count
-  // would bounce between CPUs): all CPUs together queue at most that much
-  // before one of them wakes the consumer.
+  // A wake-up per wakeup_bytes of records (never past an eighth of the
+  // ring), counted per CPU (a shared count would bounce between CPUs): all
+  // CPUs together queue at most that much before one of them wakes the
+  // consumer.
   if (cfg.wakeup_bytes) {
+    const uint64_t batch = std::min<uint64_t>(cfg.wakeup_bytes, cfg.ring_bytes / 8);
     const int cpus = std::max(1, libbpf_num_possible_cpus());
-    const uint64_t per_cpu = cfg.wakeup_bytes / kRingRecordBytes / static_cast<uint64_t>(cpus);
+    const uint64_t per_cpu = batch / kRingRecordBytes / static_cast<uint64_t>(cpus);
     s->rodata->cfg_wakeup_every = static_cast<uint32_t>(std::max<uint64_t>(1, per_cpu));
   }
   if (int err = bpf_map__set_max_entries(s->maps.events, cfg.ring_bytes))
