@@ -122,6 +122,19 @@ struct {
 	__type(value, __u32);
 } since_wakeup SEC(".maps");
 
+/* Per CPU and enum tcpscope_nest_site: 1 while the main program of that
+ * site runs. The kernel does not re-enter a program interrupted on its CPU:
+ * when the tracepoint fires again inside the interrupt (a softirq receiving
+ * a packet while set_state runs in a syscall) it skips the run and counts a
+ * recursion miss. The site's nested twin, attached beside it, does the work
+ * of such a run instead; it does nothing while the main program is idle. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TCPSCOPE_NEST_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} nest_busy SEC(".maps");
+
 /* Sequence for connection ids where the cookie helper is not available. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -148,6 +161,32 @@ static __always_inline void drops__inc(__u32 kind)
 
 	if (count)
 		*count += 1;
+}
+
+/* The main program of a site starts: its twin covers the runs the kernel
+ * skips until nest__leave. */
+static __always_inline __u32 *nest__enter(__u32 site)
+{
+	__u32 *busy = bpf_map_lookup_elem(&nest_busy, &site);
+
+	if (busy)
+		*busy = 1;
+	return busy;
+}
+
+static __always_inline void nest__leave(__u32 *busy)
+{
+	if (busy)
+		*busy = 0;
+}
+
+/* In a twin: the main program is interrupted on this CPU, so the kernel
+ * skipped it for this event. */
+static __always_inline bool nest__main_is_busy(__u32 site)
+{
+	__u32 *busy = bpf_map_lookup_elem(&nest_busy, &site);
+
+	return busy && *busy;
 }
 
 static __always_inline bool addr__is_v4_mapped(const __u8 *a)
@@ -325,6 +364,22 @@ static __always_inline __u64 conn__new_id(const struct sock *sk, bool btf)
 	       (*seq & ((1ULL << 48) - 1));
 }
 
+/* The entry was made for an earlier socket at the same address: its id is
+ * a cookie, and not this socket's. (An id of our own, made when a socket had
+ * no cookie and the helper was unavailable, cannot be checked.) */
+static __always_inline bool sock__is_stale(const struct sock *sk,
+					   const struct sock_info *info, bool btf)
+{
+	__u64 cookie;
+
+	if (btf)
+		return info->conn != bpf_get_socket_cookie((void *)sk);
+	if (info->conn >> 63)
+		return false;
+	cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	return cookie && info->conn != cookie;
+}
+
 /* Looks up (or starts) what we know of a full socket and copies the
  * connection id and owner into the event. If the socket table is full a new
  * socket is not remembered (counted in drops); the event still goes out. */
@@ -337,6 +392,13 @@ static __always_inline void sock__track(const struct sock *sk,
 	bool syscall = state__is_syscall(oldstate, newstate) &&
 		       !task__is_kthread(btf);
 
+	/* The kernel may skip a run of ours (a program interrupted on its CPU
+	 * and the tracepoint hit again in the interrupt: recursion_misses),
+	 * tcp_destroy_sock's included. Then an entry outlives its socket and
+	 * the next socket at that address would take over its id and owner:
+	 * an entry whose id is not this socket's cookie is stale. */
+	if (info && sock__is_stale(sk, info, btf))
+		info = NULL;
 	if (!info) {
 		struct sock_info fresh = {};
 
@@ -359,7 +421,7 @@ static __always_inline void sock__track(const struct sock *sk,
 		e->sk_flags |= TCPSCOPE_SK_NEW;
 		/* Later transitions find it; this one reports what it holds
 		 * (no second lookup). */
-		if (bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST))
+		if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY))
 			drops__inc(TCPSCOPE_DROP_SOCKMAP);
 		e->conn = fresh.conn;
 		e->pid = fresh.pid;
@@ -494,20 +556,54 @@ static __always_inline int set_state__handle(const struct sock *sk,
 	return 0;
 }
 
+static __always_inline int set_state__main(const struct sock *sk,
+					   int oldstate, int newstate, bool btf)
+{
+	__u32 *busy;
+
+	if (!sock__is_tcp(sk, btf))
+		return 0;
+	busy = nest__enter(TCPSCOPE_NEST_SET_STATE);
+	set_state__handle(sk, oldstate, newstate, btf);
+	nest__leave(busy);
+	return 0;
+}
+
+static __always_inline int set_state__nested(const struct sock *sk,
+					     int oldstate, int newstate,
+					     bool btf)
+{
+	if (!nest__main_is_busy(TCPSCOPE_NEST_SET_STATE) ||
+	    !sock__is_tcp(sk, btf))
+		return 0;
+	drops__inc(TCPSCOPE_NESTED_STATE);
+	return set_state__handle(sk, oldstate, newstate, btf);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(set_state_btf, const struct sock *sk, int oldstate, int newstate)
 {
-	if (!sock__is_tcp(sk, true))
-		return 0;
-	return set_state__handle(sk, oldstate, newstate, true);
+	return set_state__main(sk, oldstate, newstate, true);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(set_state_nested_btf, const struct sock *sk, int oldstate,
+	     int newstate)
+{
+	return set_state__nested(sk, oldstate, newstate, true);
 }
 
 SEC("raw_tp/inet_sock_set_state")
 int BPF_PROG(set_state_raw, const struct sock *sk, int oldstate, int newstate)
 {
-	if (!sock__is_tcp(sk, false))
-		return 0;
-	return set_state__handle(sk, oldstate, newstate, false);
+	return set_state__main(sk, oldstate, newstate, false);
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(set_state_nested_raw, const struct sock *sk, int oldstate,
+	     int newstate)
+{
+	return set_state__nested(sk, oldstate, newstate, false);
 }
 
 SEC("tp/sock/inet_sock_set_state")
@@ -764,16 +860,46 @@ static __always_inline int destroy__handle(const struct sock *sk)
 	return 0;
 }
 
+/* A skipped destroy leaves a stale entry (sock__is_stale finds it when
+ * the address is reused); the twin spares the slot. */
+static __always_inline int destroy__main(const struct sock *sk)
+{
+	__u32 *busy = nest__enter(TCPSCOPE_NEST_DESTROY);
+
+	destroy__handle(sk);
+	nest__leave(busy);
+	return 0;
+}
+
+static __always_inline int destroy__nested(const struct sock *sk)
+{
+	if (!nest__main_is_busy(TCPSCOPE_NEST_DESTROY))
+		return 0;
+	return destroy__handle(sk);
+}
+
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(destroy_btf, const struct sock *sk)
 {
-	return destroy__handle(sk);
+	return destroy__main(sk);
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(destroy_nested_btf, const struct sock *sk)
+{
+	return destroy__nested(sk);
 }
 
 SEC("raw_tp/tcp_destroy_sock")
 int BPF_PROG(destroy_raw, const struct sock *sk)
 {
-	return destroy__handle(sk);
+	return destroy__main(sk);
+}
+
+SEC("raw_tp/tcp_destroy_sock")
+int BPF_PROG(destroy_nested_raw, const struct sock *sk)
+{
+	return destroy__nested(sk);
 }
 
 SEC("tp/tcp/tcp_destroy_sock")

@@ -181,7 +181,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
 
   const uint64_t deadline =
       duration_s > 0 ? start_ns_ + static_cast<uint64_t>(duration_s * 1e9) : 0;
-  uint64_t reported_lost = 0;
+  uint64_t reported_lost = 0, reported_skipped = 0;
   uint64_t next_lost_check = boottime_now_ns() + 1'000'000'000;
   // BPF statistics: on for 1 s in every 5 (their clock reads slow every
   // program run); per-run and per-event figures are averages over windows.
@@ -189,13 +189,18 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   tracer.sample_stats(true);
   uint64_t next_stats_toggle = boottime_now_ns() + kStatsOnNs;
   auto check_lost = [&](uint64_t now) {
-    const uint64_t lost = tracer.drops(TCPSCOPE_DROP_RINGBUF) + tracer.malformed();
+    // Runs the kernel skipped may have carried an event (which socket is
+    // unknown): counted as lost, and said apart.
+    const uint64_t skipped = tracer.skipped_runs();
+    const uint64_t lost = tracer.drops(TCPSCOPE_DROP_RINGBUF) + tracer.malformed() + skipped;
     if (lost > reported_lost) {
       Event e{};
       e.type = TCPSCOPE_EV_LOST;
       e.ts_ns = now;
       e.conn = lost - reported_lost;
+      e.aux = skipped - reported_skipped;
       reported_lost = lost;
+      reported_skipped = skipped;
       consume(e);
     }
   };

@@ -464,6 +464,7 @@ void JsonLinesSink::on_event(const Tracked& t) {
   }
   if (e.type == TCPSCOPE_EV_LOST) {
     w.member("count", e.conn);
+    w.member("kernel_skipped", e.aux);
     w.end_object();
     out_.buf().push_back('\n');
     out_.maybe_flush();
@@ -636,8 +637,14 @@ void TableSink::on_event(const Tracked& t) {
       fmt::format_to(o, "RST RECEIVED in {}\n", state_name(e.old_state));
       break;
     case TCPSCOPE_EV_LOST:
-      fmt::format_to(o, "{} LOST {} events (ring buffer full)\n", time_.clock(e.ts_ns),
-                     e.conn);
+    {
+      const uint64_t skipped = std::min(e.aux, e.conn);
+      fmt::format_to(o, "{} LOST {} events (", time_.clock(e.ts_ns), e.conn);
+      if (skipped < e.conn) fmt::format_to(o, "{} ring buffer full", e.conn - skipped);
+      if (skipped && skipped < e.conn) fmt::format_to(o, ", ");
+      if (skipped) fmt::format_to(o, "{} program runs the kernel skipped", skipped);
+      fmt::format_to(o, ")\n");
+    }
       break;
     case TCPSCOPE_EV_STATS: {
       const StatsFigures v = stats_figures(e);

@@ -226,17 +226,27 @@ void RetransmitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
 // ---- LostAnalyzer ----------------------------------------------------------
 
 void LostAnalyzer::on_event(const Tracked& t, NoticeOut&) {
-  if (t.ev->type == TCPSCOPE_EV_LOST) lost_ += t.ev->conn;
+  if (t.ev->type != TCPSCOPE_EV_LOST) return;
+  lost_ += t.ev->conn;
+  skipped_ += std::min(t.ev->aux, t.ev->conn);  // a capture may say otherwise
 }
 
 void LostAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
   w.member("lost_events", lost_);
+  w.member("lost_kernel_skipped", skipped_);
 }
 
 void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
                               const TextStyle&) const {
-  fmt::format_to(std::back_inserter(out), "\nLost events: {}{}\n", lost_,
-                 lost_ ? " (ring buffer full: raise --ring-size)" : "");
+  auto o = std::back_inserter(out);
+  fmt::format_to(o, "\nLost events: {}\n", lost_);
+  if (lost_ > skipped_)
+    fmt::format_to(o, "  {} ring buffer full: raise --ring-size\n", lost_ - skipped_);
+  if (skipped_)
+    fmt::format_to(o,
+                   "  {} runs of tcpscope's programs the kernel skipped (an interrupt "
+                   "hit the tracepoint again while one ran); their socket is unknown\n",
+                   skipped_);
 }
 
 }  // namespace tcpscope

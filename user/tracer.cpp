@@ -129,6 +129,11 @@ struct ProgSet {
   bpf_program* tw_start;   // optional, with tw_cancel and tw_expire
   bpf_program* tw_cancel;
   bpf_program* tw_expire;
+  // Twins doing the runs the kernel skips of set_state and destroy (see
+  // nest_busy in the BPF code). None for classic tracepoints: there one
+  // program running blocks every other on the CPU.
+  bpf_program* set_state_nested;
+  bpf_program* destroy_nested;
 };
 
 ProgSet progs_for(tcpscope_bpf* s, AttachMode mode) {
@@ -137,15 +142,15 @@ ProgSet progs_for(tcpscope_bpf* s, AttachMode mode) {
     case AttachMode::TpBtf:
       return {p.set_state_btf, p.retransmit_btf, p.send_reset_btf, p.receive_reset_btf,
               p.destroy_btf,   p.recv_btf,       p.send_btf,       p.tw_start_btf,
-              p.tw_cancel_btf, p.tw_expire_btf};
+              p.tw_cancel_btf, p.tw_expire_btf, p.set_state_nested_btf, p.destroy_nested_btf};
     case AttachMode::RawTp:
       return {p.set_state_raw, p.retransmit_raw, p.send_reset_raw, p.receive_reset_raw,
               p.destroy_raw,   p.recv_raw,       p.send_raw,       p.tw_start_raw,
-              p.tw_cancel_raw, p.tw_expire_raw};
+              p.tw_cancel_raw, p.tw_expire_raw, p.set_state_nested_raw, p.destroy_nested_raw};
     case AttachMode::Tracepoint:
       return {p.set_state_tp, p.retransmit_tp, p.send_reset_tp, p.receive_reset_tp,
               p.destroy_tp,   nullptr,          nullptr,          p.tw_start_tp,
-              p.tw_cancel_tp, p.tw_expire_tp};
+              p.tw_cancel_tp, p.tw_expire_tp, nullptr,        nullptr};
   }
   return {};
 }
@@ -203,6 +208,11 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     s->rodata->cfg_tw_timers = true;
     t->tw_timers_on_ = true;
   }
+  // Programs whose skipped runs lose events: not destroy (it makes none)
+  // nor the twins (a twin's skipped run is the main one's, or no work).
+  std::vector<bpf_program*> lossy(wanted.begin(), wanted.end());
+  std::erase(lossy, set.destroy);
+  if (set.set_state_nested) wanted.insert(wanted.end(), {set.set_state_nested, set.destroy_nested});
   for (bpf_program* p : wanted) bpf_program__set_autoload(p, true);
   if (with_iter) bpf_program__set_autoload(s->progs.sock_iter, true);
 
@@ -227,6 +237,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     t->programs_.push_back(bpf_program__name(p));
     t->prog_fds_.push_back(bpf_program__fd(p));
   }
+  for (bpf_program* p : lossy) t->lossy_prog_fds_.push_back(bpf_program__fd(p));
 
   if (with_iter) {
     bpf_link* link = bpf_program__attach_iter(s->progs.sock_iter, nullptr);
@@ -410,6 +421,18 @@ BpfRunStats BpfTracer::run_stats() const {
     s.run_ns += info.run_time_ns;
   }
   return s;
+}
+
+uint64_t BpfTracer::skipped_runs() const {
+  uint64_t missed = 0;
+  for (int fd : lossy_prog_fds_) {
+    bpf_prog_info info{};
+    uint32_t len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0) missed += info.recursion_misses;
+  }
+  // The counters are read one after the other: never below zero.
+  const uint64_t done_by_twin = drops(TCPSCOPE_NESTED_STATE);
+  return missed > done_by_twin ? missed - done_by_twin : 0;
 }
 
 int BpfTracer::epoll_fd() const { return ring_buffer__epoll_fd(ring_.get()); }

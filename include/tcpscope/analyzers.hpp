@@ -65,7 +65,8 @@ class RetransmitAnalyzer final : public Analyzer {
   std::vector<Row> rows_;  // at most top_n_, a min-heap on count
 };
 
-// "lost_events": events the kernel could not queue (ring buffer full).
+// "lost_events": events the kernel could not queue (ring buffer full) plus
+// runs of our programs the kernel skipped ("lost_kernel_skipped" of them).
 class LostAnalyzer final : public Analyzer {
  public:
   void on_event(const Tracked& t, NoticeOut&) override;
@@ -76,6 +77,7 @@ class LostAnalyzer final : public Analyzer {
 
  private:
   uint64_t lost_ = 0;
+  uint64_t skipped_ = 0;  // part of lost_
 };
 
 }  // namespace tcpscope

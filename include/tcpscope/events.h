@@ -36,7 +36,10 @@ enum tcpscope_event_type {
 	TCPSCOPE_EV_TW_EXPIRE = 7, /* fired: TIME_WAIT is over */
 	/* Records made by user space, never by BPF; kept in captures so a
 	 * replay sees exactly what the live run saw. */
-	TCPSCOPE_EV_LOST = 16,	/* conn = events lost since the last one */
+	TCPSCOPE_EV_LOST = 16,	/* conn = events lost since the last one;
+				   aux = how many of them are runs of our
+				   programs the kernel skipped (recursion),
+				   the rest found the ring buffer full */
 	TCPSCOPE_EV_END = 17,	/* end of the trace (ts_ns = stop time) */
 	/* From the iter/tcp sweep of timewait socks (the state tracepoint
 	 * never shows TIME_WAIT). Tuple, netns and conn are the tw sock's. */
@@ -202,7 +205,18 @@ enum tcpscope_sk_flags {
 enum tcpscope_drop_kind {
 	TCPSCOPE_DROP_RINGBUF = 0, /* bpf_ringbuf_reserve failed: event lost */
 	TCPSCOPE_DROP_SOCKMAP = 1, /* socket table full: owner not kept */
-	TCPSCOPE_DROP_MAX = 2,
+	TCPSCOPE_NESTED_STATE = 2, /* not a drop: state events made by the
+				      nested twin because the kernel skipped
+				      the main program (its recursion misses
+				      less these were lost) */
+	TCPSCOPE_DROP_MAX = 3,
+};
+
+/* Tracepoints whose main program has a nested twin (key of "nest_busy"). */
+enum tcpscope_nest_site {
+	TCPSCOPE_NEST_SET_STATE = 0, /* inet_sock_set_state */
+	TCPSCOPE_NEST_DESTROY = 1,   /* tcp_destroy_sock */
+	TCPSCOPE_NEST_MAX = 2,
 };
 
 /* One kernel event. 128 bytes, 8-byte aligned. */

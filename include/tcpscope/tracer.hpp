@@ -117,6 +117,11 @@ class BpfTracer {
   int consume();
   // Kernel drop counters summed over CPUs (enum tcpscope_drop_kind).
   uint64_t drops(int kind) const;
+  // Runs of our event-making programs the kernel skipped (bpf_prog_info
+  // recursion_misses: a program interrupted on its CPU by a softirq that
+  // hits the same tracepoint is not re-entered) and no twin did instead.
+  // Counted whether or not the BPF statistics are on.
+  uint64_t skipped_runs() const;
   // Records the ring buffer delivered with a size other than Event's.
   uint64_t malformed() const { return malformed_; }
   // Records delivered by the ring buffer so far.
@@ -156,6 +161,7 @@ class BpfTracer {
   uint64_t malformed_ = 0;
   uint64_t events_ = 0;
   std::vector<int> prog_fds_;  // attached programs (owned by skel_)
+  std::vector<int> lossy_prog_fds_;  // those whose skipped runs lose events
   std::unique_ptr<BpfStatsGuard> stats_;
   bool stats_wanted_ = false;     // --no-bpf-stats not given
   bool stats_sampled_ = false;    // they were on at some point

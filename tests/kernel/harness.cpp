@@ -131,8 +131,11 @@ std::vector<SsSocket> parse_ss(const std::string& out, bool has_state) {
 }
 
 std::atomic<int> g_netns_seq{0};
+std::atomic<uint64_t> g_counted_losses{0};
 
 }  // namespace
+
+uint64_t counted_losses() { return g_counted_losses.load(); }
 
 // ---- prerequisites ----------------------------------------------------------
 
@@ -681,8 +684,12 @@ void Tracer::reader() {
       for (size_t nl; (nl = partial.find('\n', start)) != std::string::npos; start = nl + 1) {
         std::string line = partial.substr(start, nl - start);
         json j = json::parse(line, nullptr, false);
-        if (j.is_discarded() || !j.is_object()) bad_.push_back(std::move(line));
-        else lines_.push_back(std::move(j));
+        if (j.is_discarded() || !j.is_object()) {
+          bad_.push_back(std::move(line));
+          continue;
+        }
+        if (j.value("type", "") == "lost") g_counted_losses += j.value("count", uint64_t{1});
+        lines_.push_back(std::move(j));
       }
       partial.erase(0, start);
     }

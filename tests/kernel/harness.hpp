@@ -56,6 +56,11 @@ class KernelTest : public ::testing::Test {
   void SetUp() override { KTEST_REQUIRE_KERNEL(); }
 };
 
+// Events the tracers of this process reported lost ("lost" lines) so far.
+// A run that lost events cannot match the kernel's view exactly; the kernel
+// tests' main runs a failed test again when this is nonzero (main.cpp).
+uint64_t counted_losses();
+
 // Polls pred every `every` until it holds or timeout passes; returns pred().
 bool wait_until(const std::function<bool()>& pred, Millis timeout = 5000ms,
                 Millis every = 5ms);

@@ -193,7 +193,7 @@ TEST(RetransmitAnalyzer, RowJsonAndText) {
 TEST(LostAnalyzer, SumsLostRecords) {
   LostAnalyzer a;
   NullOut out;
-  const Event lost1 = Lost(ms(1), 3), lost2 = Lost(ms(2), 5);
+  const Event lost1 = Lost(ms(1), 3, 1), lost2 = Lost(ms(2), 5);
   const Event st = State(ms(3), 8, kTcpClose, kTcpSynSent);  // conn 8: not a count
   Tracked t;
   t.ev = &lost1;
@@ -203,11 +203,26 @@ TEST(LostAnalyzer, SumsLostRecords) {
   t.ev = &lost2;
   a.on_event(t, out);
   EXPECT_EQ(a.lost(), 8u);
-  EXPECT_EQ(json_of(a), R"({"lost_events":8})");
-  EXPECT_EQ(text_of(a), "\nLost events: 8 (ring buffer full: raise --ring-size)\n");
+  EXPECT_EQ(json_of(a), R"({"lost_events":8,"lost_kernel_skipped":1})");
+  EXPECT_EQ(text_of(a),
+            "\nLost events: 8\n  7 ring buffer full: raise --ring-size\n  1 runs of tcpscope's "
+            "programs the kernel skipped (an interrupt hit the tracepoint again while one "
+            "ran); their socket is unknown\n");
   LostAnalyzer none;
   EXPECT_EQ(text_of(none), "\nLost events: 0\n");
-  EXPECT_EQ(json_of(none), R"({"lost_events":0})");
+  EXPECT_EQ(json_of(none), R"({"lost_events":0,"lost_kernel_skipped":0})");
+}
+
+// A capture is untrusted: a record claiming more skipped runs than it lost
+// counts no more than it lost.
+TEST(LostAnalyzer, SkippedNeverExceedsLost) {
+  LostAnalyzer a;
+  NullOut out;
+  const Event bad = Lost(ms(1), 2, 9);
+  Tracked t;
+  t.ev = &bad;
+  a.on_event(t, out);
+  EXPECT_EQ(json_of(a), R"({"lost_events":2,"lost_kernel_skipped":2})");
 }
 
 // ---- Pipeline --------------------------------------------------------------------
@@ -337,7 +352,7 @@ TEST(Pipeline, EveryKindReport) {
             R"("rport":80,"pid":42,"comm":"curl","count":2,"fin":1,)"
             R"("first":"1970-01-01T00:00:00.003000000Z","last":"1970-01-01T00:00:00.011000000Z",)"
             R"("last_state":"FIN_WAIT1","states":["ESTABLISHED","FIN_WAIT1"]}]},)"
-            R"("lost_events":8})");
+            R"("lost_events":8,"lost_kernel_skipped":0})");
   EXPECT_TRUE(json::accept(got));
 
   // Processing after the end changes nothing.

@@ -414,7 +414,7 @@ TEST(JsonLinesSink, Lines) {
   EXPECT_EQ(j[7]["cause"], "peer_reset");
   EXPECT_EQ(j[7]["conn"], 77);
 
-  EXPECT_EQ(lines[8], R"({"type":"lost","time":"1970-01-01T00:00:00.150000000Z","count":4})");
+  EXPECT_EQ(lines[8], R"({"type":"lost","time":"1970-01-01T00:00:00.150000000Z","count":4,"kernel_skipped":0})");
 
   // The notice, emitted at finish.
   EXPECT_EQ(keys_of(j[9]), with({"kind", "resets"}));
@@ -425,7 +425,8 @@ TEST(JsonLinesSink, Lines) {
 
   const ordered_json& rep = j[10];
   EXPECT_EQ(keys_of(rep), (Keys{"type", "time", "events", "connections", "retransmits",
-                                "lost_events", "resets", "late_fin_resets"}));
+                                "lost_events", "lost_kernel_skipped", "resets",
+                                "late_fin_resets"}));
   EXPECT_EQ(rep["resets"]["sent"]["total"], 2);
   EXPECT_EQ(rep["resets"]["sent"]["by_cause"]["data_after_close"], 1);
   EXPECT_EQ(rep["resets"]["sent"]["by_cause"]["no_socket"], 1);
@@ -563,7 +564,7 @@ TEST(TableSink, HeaderRowsAndReport) {
       "ESTABLISHED -> CLOSE       30.000",
       "00:00:00.140 42      curl            10.0.0.1:40000        10.0.0.2:80           "
       "RST SENT in CLOSE reason TCP_ABORT_ON_DATA answering [PSH|ACK]",
-      "00:00:00.150 LOST 4 events (ring buffer full)",
+      "00:00:00.150 LOST 4 events (4 ring buffer full)",
       "00:00:00.140 42      curl            10.0.0.1:40000        10.0.0.2:80           "
       "CONN_END kind=reset_sent resets=1",
       "",
@@ -574,7 +575,7 @@ TEST(TableSink, HeaderRowsAndReport) {
       "Retransmits: 1 on 1 connections",
       "       1  10.0.0.1:40000 -> 10.0.0.2:80  pid 42 curl  last in ESTABLISHED",
       "",
-      "Lost events: 4 (ring buffer full: raise --ring-size)",
+      "Lost events: 4", "  4 ring buffer full: raise --ring-size",
   };
   EXPECT_EQ(lines, want);
 }
@@ -598,6 +599,29 @@ TEST(TableSink, Ipv6Row) {
   EXPECT_EQ(f.contents(),
             "00:00:01.000 1000    abcdefghijklmnop [2001:db8::1]:443     "
             "[2001:db8:0:1::2]:51234 LISTEN      -> SYN_RECV    -\n");
+}
+
+// A lost record says why: a full ring buffer, runs the kernel skipped, or
+// both; a capture claiming more skipped than lost is held to what it lost.
+TEST(TableSink, LostLineSaysWhy) {
+  MemFile f;
+  {
+    FdWriter out(f.fd());
+    TimeFormatter time(0);
+    TableSink sink(out, time);
+    Pipeline p;
+    p.add_sink(&sink);
+    p.process(Lost(ms(1000), 5, 0));
+    p.process(Lost(ms(1001), 5, 2));
+    p.process(Lost(ms(1002), 5, 5));
+    p.process(Lost(ms(1003), 1, 7));
+    sink.flush();
+  }
+  EXPECT_EQ(f.contents(),
+            "00:00:01.000 LOST 5 events (5 ring buffer full)\n"
+            "00:00:01.001 LOST 5 events (3 ring buffer full, 2 program runs the kernel skipped)\n"
+            "00:00:01.002 LOST 5 events (5 program runs the kernel skipped)\n"
+            "00:00:01.003 LOST 1 events (1 program runs the kernel skipped)\n");
 }
 
 TEST(Sinks, EndRecordWritesNoLine) {

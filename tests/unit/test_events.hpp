@@ -106,6 +106,10 @@ class Ev {
     e_.reason = r;
     return *this;
   }
+  Ev& aux(uint64_t v) {
+    e_.aux = v;
+    return *this;
+  }
   Ev& seg_len(uint32_t n) {
     e_.seg_len = n;
     return *this;
@@ -145,9 +149,9 @@ inline Ev ResetSent(uint64_t ts, uint64_t conn, uint8_t state, uint32_t reason) 
 inline Ev ResetReceived(uint64_t ts, uint64_t conn, uint8_t state) {
   return Ev(TCPSCOPE_EV_RESET_RECEIVED, ts, conn).in(state);
 }
-inline Ev Lost(uint64_t ts, uint64_t count) {
-  Ev e(TCPSCOPE_EV_LOST, ts, count);
-  return e;
+// count lost, `skipped` of them runs the kernel skipped.
+inline Ev Lost(uint64_t ts, uint64_t count, uint64_t skipped = 0) {
+  return Ev(TCPSCOPE_EV_LOST, ts, count).aux(skipped);
 }
 inline Event End(uint64_t ts) {
   Event e;
