@@ -267,15 +267,17 @@ int LiveSession::run(double duration_s, const Consumer& consume,
 
   // TIME_WAIT sweeps: the state tracepoint never shows the tw sock's end.
   TimeWaitSweep sweep;
-  std::vector<SockRecord> records;
   const bool sweeping = cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter();
   uint64_t next_sweep = 0;
   auto run_sweep = [&](bool initial) {
     tracer.consume();  // entries first: a tw's CLOSE event precedes its sighting
     const uint64_t t0 = boottime_now_ns();
-    auto got = tracer.read_sockets(TCPSCOPE_ITER_TIME_WAIT, records);
+    sweep.begin();
+    auto got = tracer.read_sockets(TCPSCOPE_ITER_TIME_WAIT,
+                                   [&sweep](const SockRecord& r) { sweep.see(r); });
     const uint64_t t1 = boottime_now_ns();
     if (!got) {
+      // What a failed pass saw stays known; the next pass settles it.
       spdlog::warn("TIME_WAIT sweep failed: {}", got.error().message);
       return;
     }
@@ -284,10 +286,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     // sighting looks like a stranger's (pre-existing, filtered out) and the
     // CLOSE like a TIME_WAIT that never was.
     tracer.consume();
-    sweep.apply(t0, t1, cfg_.tw_sweep_ms, records, initial, report_preexisting, consume);
-    // Seconds pass before the next pass: give a large one's storage back.
-    if (records.capacity() * sizeof(SockRecord) > (1u << 20))
-      std::vector<SockRecord>().swap(records);
+    sweep.finish(t0, t1, cfg_.tw_sweep_ms, initial, report_preexisting, consume);
     next_sweep = t0 + static_cast<uint64_t>(cfg_.tw_sweep_ms) * 1'000'000;
   };
   if (sweeping) run_sweep(true);

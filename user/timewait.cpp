@@ -86,33 +86,50 @@ Event TimeWaitSweep::record_of(uint64_t conn, const Known& k) {
   return e;
 }
 
-void TimeWaitSweep::apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
-                          const std::vector<SockRecord>& tws, bool initial,
-                          bool report_new_initial, const Emit& emit) {
+void TimeWaitSweep::begin() {
   ++pass_;
-  uint64_t seen = 0;
-  for (const SockRecord& r : tws) {
-    if (r.state != kTcpTimeWait || r.conn == 0) continue;
-    ++seen;
-    auto [it, inserted] = known_.try_emplace(r.conn);
-    Known& k = it->second;
-    const bool changed = !inserted && k.substate != r.substate;
-    k.last_seen_ns = r.ts_ns;
-    k.expires_ns = r.expires_ns;
-    k.substate = r.substate;
-    k.pass = pass_;
-    if (inserted) k.tuple = TupleKey::of(r);
-    if ((inserted && (!initial || report_new_initial)) || changed) {
-      Event e = record_of(r.conn, k);
-      e.type = TCPSCOPE_EV_TW_SEEN;
-      e.ts_ns = r.ts_ns;
-      e.old_state = kTcpTimeWait;
-      e.new_state = r.substate;
-      e.aux = r.expires_ns;
-      e.sk_flags = TCPSCOPE_SK_TIMEWAIT | (initial ? TCPSCOPE_SK_SNAPSHOT : 0);
-      emit(e);
-    }
+  seen_ = 0;
+}
+
+void TimeWaitSweep::see(const SockRecord& r) {
+  if (r.state != kTcpTimeWait || r.conn == 0) return;
+  ++seen_;
+  auto [it, inserted] = known_.try_emplace(r.conn);
+  Known& k = it->second;
+  const bool changed = !inserted && k.substate != r.substate;
+  k.last_seen_ns = r.ts_ns;
+  k.expires_ns = r.expires_ns;
+  k.substate = r.substate;
+  k.pass = pass_;
+  if (inserted) {
+    k.tuple = TupleKey::of(r);
+    k.is_new = true;
   }
+  if ((inserted || changed) && !k.pending) {
+    k.pending = true;
+    to_report_.push_back(r.conn);
+  }
+}
+
+void TimeWaitSweep::finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
+                           bool initial, bool report_new_initial, const Emit& emit) {
+  for (uint64_t conn : to_report_) {
+    Known& k = known_.at(conn);
+    const bool is_new = k.is_new;
+    k.is_new = k.pending = false;
+    if (is_new && initial && !report_new_initial) continue;
+    Event e = record_of(conn, k);
+    e.type = TCPSCOPE_EV_TW_SEEN;
+    e.ts_ns = k.last_seen_ns;
+    e.old_state = kTcpTimeWait;
+    e.new_state = k.substate;
+    e.aux = k.expires_ns;
+    e.sk_flags = TCPSCOPE_SK_TIMEWAIT | (initial ? TCPSCOPE_SK_SNAPSHOT : 0);
+    emit(e);
+  }
+  to_report_.clear();
+  // A large pass's list goes back: passes are seconds apart.
+  if (to_report_.capacity() > 4096) std::vector<uint64_t>().swap(to_report_);
   for (auto it = known_.begin(); it != known_.end();) {
     if (it->second.pass == pass_) {
       ++it;
@@ -134,7 +151,7 @@ void TimeWaitSweep::apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_
   Event s{};
   s.type = TCPSCOPE_EV_SWEEP;
   s.ts_ns = start_ns;
-  s.conn = seen;
+  s.conn = seen_;
   s.aux = end_ns - start_ns;
   s.seg_len = interval_ms;
   emit(s);

@@ -323,6 +323,11 @@ int BpfTracer::poll(int timeout_ms) {
 
 Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out) {
   out.clear();
+  return read_sockets(pass, [&out](const SockRecord& r) { out.push_back(r); });
+}
+
+Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,
+                                       const std::function<void(const SockRecord&)>& visit) {
   if (!iter_link_) return Error{"no iter/tcp program"};
   skel_->bss->iter_pass = pass;
   // iter/tcp walks the namespace of the task that creates the iterator:
@@ -335,7 +340,7 @@ Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<Sock
     err = ns_err;
   if (fd < 0) return Error{"bpf_iter_create: " + errno_text(err)};
   if (iter_buf_.size() < 64 * sizeof(SockRecord)) iter_buf_.resize(64 * sizeof(SockRecord));
-  size_t have = 0;
+  size_t have = 0, count = 0;
   while (true) {
     const ssize_t n = read(fd, iter_buf_.data() + have, iter_buf_.size() - have);
     if (n < 0) {
@@ -350,14 +355,15 @@ Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<Sock
     for (size_t i = 0; i < whole; ++i) {
       SockRecord r;
       std::memcpy(&r, iter_buf_.data() + i * sizeof(SockRecord), sizeof(r));
-      out.push_back(r);
+      visit(r);
     }
+    count += whole;
     const size_t rest = have - whole * sizeof(SockRecord);
     std::memmove(iter_buf_.data(), iter_buf_.data() + whole * sizeof(SockRecord), rest);
     have = rest;
   }
   close(fd);
-  return out.size();
+  return count;
 }
 
 namespace {

@@ -43,16 +43,22 @@ struct TupleKeyHash {
 Connection describe_connection(const TupleKey& k, uint64_t conn, uint32_t pid,
                                const std::array<char, 16>& comm);
 
-// Diffs successive iter/tcp passes over timewait socks into records.
+// Diffs successive iter/tcp passes over timewait socks into records. A pass
+// is streamed (no copy of its records): begin(), see() per record, then
+// finish() once the events made during the pass are consumed, since a tw
+// sock's CLOSE event must precede its sighting.
 class TimeWaitSweep {
  public:
   using Emit = std::function<void(const Event&)>;
-  // tws: this pass's timewait records (state TIME_WAIT). initial: the first
-  // pass at start-up (what it finds predates the trace); report_new_initial:
-  // whether to report those (not when a pid/cgroup filter hides owners).
-  void apply(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
-             const std::vector<SockRecord>& tws, bool initial, bool report_new_initial,
-             const Emit& emit);
+  void begin();
+  // One record of the pass; others than timewait socks are ignored.
+  void see(const SockRecord& r);
+  // Emits what the pass found: TW_SEEN for the new and changed, TW_GONE for
+  // those it no longer saw, then SWEEP. initial: the first pass at start-up
+  // (what it finds predates the trace); report_new_initial: whether to
+  // report those (not when a pid/cgroup filter hides owners).
+  void finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms, bool initial,
+              bool report_new_initial, const Emit& emit);
   size_t known() const { return known_.size(); }
 
  private:
@@ -63,10 +69,16 @@ class TimeWaitSweep {
     uint64_t last_seen_ns = 0;
     uint64_t expires_ns = 0;
     uint8_t substate = 0;
+    bool is_new = false;   // not reported yet
+    bool pending = false;  // in to_report_
   };
   static Event record_of(uint64_t conn, const Known& k);
   std::unordered_map<uint64_t, Known> known_;
+  // New or changed substate, to report at finish() (kept over a pass that
+  // failed and so never finished).
+  std::vector<uint64_t> to_report_;
   uint32_t pass_ = 0;
+  uint64_t seen_ = 0;
 };
 
 // "time_wait": counts, end causes, durations, active closers, port pressure.

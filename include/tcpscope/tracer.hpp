@@ -141,6 +141,10 @@ class BpfTracer {
   // One pass of iter/tcp over the sockets of a kind (timewait, CLOSE_WAIT or
   // all). The filters apply as for events. Reuses out's storage.
   Result<size_t> read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out);
+  // The same, each record handed to visit as it is read (no copy of a
+  // large pass).
+  Result<size_t> read_sockets(tcpscope_iter_pass pass,
+                              const std::function<void(const SockRecord&)>& visit);
 
  private:
   BpfTracer() = default;
