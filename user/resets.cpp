@@ -42,12 +42,6 @@ TupleKey without_netns(TupleKey k) {
   return k;
 }
 
-uint64_t entry_time(const Connection& c, uint8_t state) {
-  for (int i = 0; i < c.history_len; ++i)
-    if (c.history_state[i] == state) return c.history_ns[i];
-  return 0;
-}
-
 }  // namespace
 
 void ResetAnalyzer::count(std::map<std::string_view, uint64_t>& by, std::string_view cause) {
@@ -89,8 +83,8 @@ void ResetAnalyzer::on_close(const Connection& c, uint64_t ts) {
   Closed info;
   info.conn = c.id;
   info.closed_ns = ts;
-  uint64_t local = entry_time(c, kTcpFinWait1);
-  if (!local) local = entry_time(c, kTcpLastAck);
+  uint64_t local = c.fin_wait1_ns;
+  if (!local) local = c.last_ack_ns;
   info.local_close_ns = local ? local : ts;
   info.pid = c.pid;
   info.comm = c.comm;
@@ -211,7 +205,7 @@ void ResetAnalyzer::on_reset_sent(const Tracked& t, NoticeOut& out) {
       auto it = closed_.find(TupleKey::of(*t.conn));
       if (it != closed_.end() && it->second.conn == t.conn->id) it->second.own_rst_cause = cause;
       if (cause == "data_after_close") {
-        const uint64_t local = entry_time(*t.conn, kTcpFinWait1);
+        const uint64_t local = t.conn->fin_wait1_ns;
         if (local) since_close_ms = static_cast<int64_t>((e.ts_ns - local) / 1'000'000);
       }
     }

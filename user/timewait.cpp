@@ -482,9 +482,7 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
               (c.open_kind == OpenKind::Unknown && is_ephemeral(c.lport));
   tw.pid = c.pid;
   tw.comm = c.comm;
-  tw.local_close_ns = e.ts_ns;
-  for (int i = 0; i < c.history_len; ++i)
-    if (c.history_state[i] == kTcpFinWait1) tw.local_close_ns = c.history_ns[i];
+  tw.local_close_ns = c.fin_wait1_ns ? c.fin_wait1_ns : e.ts_ns;
   if (open_find(c.id)) {
     // A sweep saw the tw sock before this CLOSE event was read.
     armed_.erase(tw.tuple, tw.tuple_hash);

@@ -149,9 +149,10 @@ void Tracker::record_state(Connection& c, uint8_t state, uint64_t ts) {
   c.state = state;
   c.state_since_ns = ts;
   if (state < 32) c.visited |= 1u << state;
+  if (state == kTcpFinWait1 && !c.fin_wait1_ns) c.fin_wait1_ns = ts;
+  if (state == kTcpLastAck && !c.last_ack_ns) c.last_ack_ns = ts;
   if (c.history_len < Connection::kHistory) {
-    c.history_state[c.history_len] = state;
-    c.history_ns[c.history_len] = ts;
+    c.history |= static_cast<uint64_t>(state & 0xf) << (4 * c.history_len);
     ++c.history_len;
   } else {
     ++c.history_dropped;

@@ -39,7 +39,8 @@ std::string_view open_kind_name(OpenKind kind);
 std::string_view close_kind_name(CloseKind kind);
 
 struct Connection {
-  static constexpr int kHistory = 12;
+  // States entered, 4 bits each (kernel TCP states are below 16).
+  static constexpr int kHistory = 16;
 
   // Laid out by use: the first cache line holds all that every event and
   // classify_close() read; the history and the retransmit figures, written
@@ -75,14 +76,18 @@ struct Connection {
   uint32_t fin_retransmits = 0;
   std::array<uint8_t, 16> raddr{};
 
-  // The states in order, with entry times; the first kHistory only.
-  std::array<uint8_t, kHistory> history_state{};
+  // The states in order, the first kHistory only (history_state(i)). Of
+  // entry times only those the analyses ask for are kept: a Connection is
+  // most of what 100,000 open connections cost.
+  uint64_t history = 0;
+  uint64_t fin_wait1_ns = 0;  // first entry into FIN_WAIT1 (the local close), 0: never
+  uint64_t last_ack_ns = 0;   // first entry into LAST_ACK, 0: never
   uint8_t last_retransmit_state = 0;
   uint16_t retransmit_states = 0;  // bit per state retransmitted in
-  std::array<uint64_t, kHistory> history_ns{};
 
   uint64_t first_retransmit_ns = 0, last_retransmit_ns = 0;
 
+  uint8_t history_state(int i) const { return (history >> (4 * i)) & 0xf; }
   bool visited_state(uint8_t s) const { return visited & (1u << s); }
   bool is_closed() const { return closed_ns != 0; }
 };

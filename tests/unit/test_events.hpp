@@ -187,10 +187,9 @@ struct Recorder {
 };
 
 inline std::vector<uint8_t> history_states(const Connection& c) {
-  return {c.history_state.begin(), c.history_state.begin() + c.history_len};
-}
-inline std::vector<uint64_t> history_times(const Connection& c) {
-  return {c.history_ns.begin(), c.history_ns.begin() + c.history_len};
+  std::vector<uint8_t> v;
+  for (int i = 0; i < c.history_len; ++i) v.push_back(c.history_state(i));
+  return v;
 }
 inline uint32_t bits(std::initializer_list<uint8_t> states) {
   uint32_t v = 0;
