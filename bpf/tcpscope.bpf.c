@@ -559,12 +559,12 @@ static __always_inline int set_state__handle(const struct sock *sk,
 static __always_inline int set_state__main(const struct sock *sk,
 					   int oldstate, int newstate, bool btf)
 {
-	__u32 *busy;
+	/* First thing: the twin covers only runs skipped while this is set
+	 * (the kernel's own entry and exit around us stay uncovered). */
+	__u32 *busy = nest__enter(TCPSCOPE_NEST_SET_STATE);
 
-	if (!sock__is_tcp(sk, btf))
-		return 0;
-	busy = nest__enter(TCPSCOPE_NEST_SET_STATE);
-	set_state__handle(sk, oldstate, newstate, btf);
+	if (sock__is_tcp(sk, btf))
+		set_state__handle(sk, oldstate, newstate, btf);
 	nest__leave(busy);
 	return 0;
 }
