@@ -273,8 +273,9 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     tracer.consume();  // entries first: a tw's CLOSE event precedes its sighting
     const uint64_t t0 = boottime_now_ns();
     sweep.begin();
-    auto got = tracer.read_sockets(TCPSCOPE_ITER_TIME_WAIT,
-                                   [&sweep](const SockRecord& r) { sweep.see(r); });
+    // Events keep flowing during the pass: they all precede finish().
+    auto got = tracer.read_sockets(
+        TCPSCOPE_ITER_TIME_WAIT, [&sweep](const SockRecord& r) { sweep.see(r); }, true);
     const uint64_t t1 = boottime_now_ns();
     if (!got) {
       // What a failed pass saw stays known; the next pass settles it.
