@@ -33,7 +33,7 @@ struct Filters {
 struct TraceConfig {
   Filters filters;
   std::optional<AttachMode> force_mode;  // else the best the kernel has
-  uint32_t ring_bytes = 8u << 20;  // mapped twice: counts 16 MiB of RSS
+  uint32_t ring_bytes = 4u << 20;  // mapped twice: counts 8 MiB of RSS
   uint32_t max_sockets = 262144;
   uint64_t wakeup_bytes = 256 * 1024;    // batch consumer wake-ups
   bool io_owner = true;                  // attach sock_{send,recv}_length
