@@ -77,12 +77,11 @@ size_t TupleKeyHash::operator()(const TupleKey& k) const {
 Event TimeWaitSweep::record_of(uint64_t conn, const Known& k) {
   Event e{};
   e.conn = conn;
-  e.netns = k.tuple.netns;
-  e.family = k.tuple.family;
-  e.lport = k.tuple.lport;
-  e.rport = k.tuple.rport;
-  std::memcpy(e.laddr, k.tuple.laddr.data(), 16);
-  std::memcpy(e.raddr, k.tuple.raddr.data(), 16);
+  e.ts_ns = k.last_seen_ns;
+  e.old_state = kTcpTimeWait;
+  e.new_state = k.substate;
+  e.aux = k.expires_ns;
+  e.sk_flags = TCPSCOPE_SK_TIMEWAIT;
   return e;
 }
 
@@ -101,35 +100,34 @@ void TimeWaitSweep::see(const SockRecord& r) {
   k.expires_ns = r.expires_ns;
   k.substate = r.substate;
   k.pass = pass_;
-  if (inserted) {
-    k.tuple = TupleKey::of(r);
-    k.is_new = true;
-  }
   if ((inserted || changed) && !k.pending) {
     k.pending = true;
-    to_report_.push_back(r.conn);
+    to_report_.push_back({r.conn, inserted, inserted ? TupleKey::of(r) : TupleKey{}});
   }
 }
 
 void TimeWaitSweep::finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
                            bool initial, bool report_new_initial, const Emit& emit) {
-  for (uint64_t conn : to_report_) {
-    Known& k = known_.at(conn);
-    const bool is_new = k.is_new;
-    k.is_new = k.pending = false;
-    if (is_new && initial && !report_new_initial) continue;
-    Event e = record_of(conn, k);
+  for (const Report& r : to_report_) {
+    Known& k = known_.at(r.conn);
+    k.pending = false;
+    if (r.is_new && initial && !report_new_initial) continue;
+    Event e = record_of(r.conn, k);
     e.type = TCPSCOPE_EV_TW_SEEN;
-    e.ts_ns = k.last_seen_ns;
-    e.old_state = kTcpTimeWait;
-    e.new_state = k.substate;
-    e.aux = k.expires_ns;
-    e.sk_flags = TCPSCOPE_SK_TIMEWAIT | (initial ? TCPSCOPE_SK_SNAPSHOT : 0);
+    if (r.is_new) {
+      e.netns = r.tuple.netns;
+      e.family = r.tuple.family;
+      e.lport = r.tuple.lport;
+      e.rport = r.tuple.rport;
+      std::memcpy(e.laddr, r.tuple.laddr.data(), sizeof e.laddr);
+      std::memcpy(e.raddr, r.tuple.raddr.data(), sizeof e.raddr);
+    }
+    if (initial) e.sk_flags |= TCPSCOPE_SK_SNAPSHOT;
     emit(e);
   }
   to_report_.clear();
   // A large pass's list goes back: passes are seconds apart.
-  if (to_report_.capacity() > 4096) std::vector<uint64_t>().swap(to_report_);
+  if (to_report_.capacity() > 4096) std::vector<Report>().swap(to_report_);
   for (auto it = known_.begin(); it != known_.end();) {
     if (it->second.pass == pass_) {
       ++it;
@@ -141,10 +139,6 @@ void TimeWaitSweep::finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval
     e.ts_ns = start_ns;
     const uint64_t gap_us = start_ns > k.last_seen_ns ? (start_ns - k.last_seen_ns) / 1000 : 0;
     e.seg_len = static_cast<uint32_t>(std::min<uint64_t>(gap_us, UINT32_MAX));
-    e.aux = k.expires_ns;
-    e.old_state = kTcpTimeWait;
-    e.new_state = k.substate;
-    e.sk_flags = TCPSCOPE_SK_TIMEWAIT;
     emit(e);
     it = known_.erase(it);
   }

@@ -42,7 +42,8 @@ enum tcpscope_event_type {
 				   the rest found the ring buffer full */
 	TCPSCOPE_EV_END = 17,	/* end of the trace (ts_ns = stop time) */
 	/* From the iter/tcp sweep of timewait socks (the state tracepoint
-	 * never shows TIME_WAIT). Tuple, netns and conn are the tw sock's. */
+	 * never shows TIME_WAIT). conn is the tw sock's; the first TW_SEEN
+	 * of one also has its tuple and netns, later records only conn. */
 	TCPSCOPE_EV_TW_SEEN = 18, /* a tw sock first seen, or its substate
 				     changed: new_state = substate (TIME_WAIT
 				     or FIN_WAIT2), aux = when its timer fires
