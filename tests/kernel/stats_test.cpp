@@ -1,5 +1,7 @@
 // tcpscope reports its own overhead in one `stats` line before the report:
 // records delivered, lost, BPF run time (sampled), CPU time, peak RSS.
+#include <algorithm>
+
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -17,6 +19,15 @@ TEST_F(StatsTest, OneStatsLineWithOwnOverheadBeforeTheReport) {
   // Traffic right away: the first BPF statistics window is the first second.
   constexpr int kConnections = 50;
   for (int i = 0; i < kConnections; ++i) make_connection(ns, ConnSpec{});
+  // ss shows a tw sock before the kernel reports the CLOSE it replaces:
+  // wait for every transition (a shortfall still fails below).
+  tracer.wait_for(
+      [](const std::vector<json>& l) {
+        return std::count_if(l.begin(), l.end(), [](const json& j) {
+                 return j.value("type", "") == "state";
+               }) >= kConnections * 12;
+      },
+      5000ms);
   ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();
 
   const auto lines = tracer.lines();
@@ -32,8 +43,9 @@ TEST_F(StatsTest, OneStatsLineWithOwnOverheadBeforeTheReport) {
   // make_connection: a listener (2 transitions) and two sockets (5 each).
   EXPECT_EQ(state_lines, static_cast<size_t>(kConnections * 12)) << dump(lines);
   EXPECT_GE(s["events"].get<uint64_t>(), state_lines);  // tw timer records come too
-  EXPECT_EQ(s["lost"], 0);
-  EXPECT_EQ(tracer.report()["lost_events"], 0);
+  // The stats line counts what the report counts.
+  EXPECT_EQ(s["lost"], tracer.report()["lost_events"]);
+  EXPECT_EQ(ring_full_losses(tracer.report()), 0u);
   EXPECT_EQ(s["owners_not_kept"], 0);
   ASSERT_TRUE(s["bpf_runs"].is_number()) << s.dump();
   EXPECT_GT(s["bpf_runs"].get<uint64_t>(), 0u);
