@@ -36,6 +36,22 @@ using Keys = std::vector<std::string>;
 
 // ---- JsonWriter ------------------------------------------------------------------
 
+// What a sink of type Sink writes for these events (no finish(): no report).
+template <typename Sink>
+std::string sink_text(std::initializer_list<Event> events) {
+  MemFile f;
+  {
+    FdWriter out(f.fd());
+    TimeFormatter time(0);
+    Sink sink(out, time);
+    Pipeline p;
+    p.add_sink(&sink);
+    for (const Event& e : events) p.process(e);
+    sink.flush();
+  }
+  return f.contents();
+}
+
 TEST(JsonWriter, CommasAndNesting) {
   fmt::memory_buffer buf;
   JsonWriter w(buf);
@@ -464,16 +480,7 @@ TEST(StatsRecord, JsonAndTableLines) {
   st.seg_len = 500;       // system CPU ms
   st.rx_queue = 2048;     // peak RSS KiB
   st.netns = 3;           // sockets whose owner was not kept
-  MemFile f;
-  {
-    FdWriter out(f.fd());
-    TimeFormatter time(0);
-    JsonLinesSink sink(out, time);
-    Pipeline p;
-    p.add_sink(&sink);
-    p.process(st);
-  }
-  const auto lines = split_lines(f.contents());
+  const auto lines = split_lines(sink_text<JsonLinesSink>({st}));
   ASSERT_EQ(lines.size(), 1u);
   EXPECT_EQ(lines[0],
             R"({"type":"stats","time":"1970-01-01T00:00:00.500000000Z","events":1000,)"
@@ -486,16 +493,7 @@ TEST(StatsRecord, JsonAndTableLines) {
   EXPECT_DOUBLE_EQ(fig.bpf_ns_per_event, 320.0);  // over the sampled records only
 
   st.sk_flags = 0;  // statistics were off: BPF figures are null
-  MemFile g;
-  {
-    FdWriter out(g.fd());
-    TimeFormatter time(0);
-    TableSink sink(out, time);
-    Pipeline p;
-    p.add_sink(&sink);
-    p.process(st);
-  }
-  EXPECT_EQ(split_lines(g.contents()).at(0),
+  EXPECT_EQ(split_lines(sink_text<TableSink>({st})).at(0),
             "00:00:00.500 tcpscope overhead: 1000 events, 2 lost, CPU user 1.500 s sys 0.500 s "
             "(2000000 ns/event), peak RSS 2.0 MiB, 3 sockets traced without owner (socket table "
             "full: raise --max-sockets)");
@@ -581,22 +579,13 @@ TEST(TableSink, HeaderRowsAndReport) {
 }
 
 TEST(TableSink, Ipv6Row) {
-  MemFile f;
-  {
-    FdWriter out(f.fd());
-    TimeFormatter time(0);
-    TableSink sink(out, time);
-    Pipeline p;
-    p.add_sink(&sink);
-    p.process(State(ms(1000), 5, kTcpListen, kTcpSynRecv)
-                  .v6({0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1},
-                      {0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2})
-                  .lport(443)
-                  .rport(51234)
-                  .owner(1000, "abcdefghijklmnop"));
-    sink.flush();
-  }
-  EXPECT_EQ(f.contents(),
+  EXPECT_EQ(sink_text<TableSink>(
+                {State(ms(1000), 5, kTcpListen, kTcpSynRecv)
+                     .v6({0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1},
+                         {0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2})
+                     .lport(443)
+                     .rport(51234)
+                     .owner(1000, "abcdefghijklmnop")}),
             "00:00:01.000 1000    abcdefghijklmnop [2001:db8::1]:443     "
             "[2001:db8:0:1::2]:51234 LISTEN      -> SYN_RECV    -\n");
 }
@@ -604,20 +593,8 @@ TEST(TableSink, Ipv6Row) {
 // A lost record says why: a full ring buffer, runs the kernel skipped, or
 // both; a capture claiming more skipped than lost is held to what it lost.
 TEST(TableSink, LostLineSaysWhy) {
-  MemFile f;
-  {
-    FdWriter out(f.fd());
-    TimeFormatter time(0);
-    TableSink sink(out, time);
-    Pipeline p;
-    p.add_sink(&sink);
-    p.process(Lost(ms(1000), 5, 0));
-    p.process(Lost(ms(1001), 5, 2));
-    p.process(Lost(ms(1002), 5, 5));
-    p.process(Lost(ms(1003), 1, 7));
-    sink.flush();
-  }
-  EXPECT_EQ(f.contents(),
+  EXPECT_EQ(sink_text<TableSink>({Lost(ms(1000), 5, 0), Lost(ms(1001), 5, 2),
+                                  Lost(ms(1002), 5, 5), Lost(ms(1003), 1, 7)}),
             "00:00:01.000 LOST 5 events (5 ring buffer full)\n"
             "00:00:01.001 LOST 5 events (3 ring buffer full, 2 program runs the kernel skipped)\n"
             "00:00:01.002 LOST 5 events (5 program runs the kernel skipped)\n"
