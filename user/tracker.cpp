@@ -1,7 +1,10 @@
 #include "tcpscope/tracker.hpp"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cstring>
+#include <new>
 
 namespace tcpscope {
 
@@ -99,8 +102,20 @@ Connection* Tracker::lookup(uint64_t id) {
 uint32_t Tracker::slot_of(uint64_t id) const {
   static_assert(kNoSlot == HandleIndex::kNone);
   return index_.find(CookieHash{}(id), [&](uint32_t i) {
-    return chunks_[i / kChunk][i % kChunk].id == id;
+    return chunks_[i / kChunk].get()[i % kChunk].id == id;
   });
+}
+
+void Tracker::ChunkUnmap::operator()(Connection* chunk) const {
+  munmap(chunk, kChunk * sizeof(Connection));
+}
+
+Tracker::Chunk Tracker::map_chunk() {
+  // Zero pages are free slots: Connection is an implicit-lifetime type.
+  void* p = mmap(nullptr, kChunk * sizeof(Connection), PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  return Chunk(static_cast<Connection*>(p));
 }
 
 // Frees a slot; id 0 marks it free.
@@ -108,8 +123,22 @@ void Tracker::forget(uint32_t slot_index) {
   Connection& c = slot(slot_index);
   free_slots_.push_back(slot_index);
   ++generations_[slot_index];
+  --chunk_live_[slot_index / kChunk];
   index_.erase(CookieHash{}(c.id), slot_index);
   c.id = 0;
+}
+
+void Tracker::release_empty_chunks(uint64_t now_ns) {
+  if (now_ns < next_release_ns_) return;
+  next_release_ns_ = now_ns + 1'000'000'000;
+  size_t keep = chunks_.size();
+  while (keep > 1 && chunk_live_[keep - 1] == 0) --keep;
+  if (keep == chunks_.size()) return;
+  chunks_.resize(keep);
+  chunk_live_.resize(keep);
+  const uint32_t end = static_cast<uint32_t>(keep) * kChunk;
+  slots_used_ = std::min(slots_used_, end);
+  std::erase_if(free_slots_, [end](uint32_t i) { return i >= end; });
 }
 
 uint32_t Tracker::start(const Event& ev, uint32_t existing) {
@@ -123,10 +152,15 @@ uint32_t Tracker::start(const Event& ev, uint32_t existing) {
       i = free_slots_.back();
       free_slots_.pop_back();
     } else {
-      if (slots_used_ % kChunk == 0) chunks_.push_back(std::make_unique<Connection[]>(kChunk));
+      if (slots_used_ % kChunk == 0) {
+        chunks_.push_back(map_chunk());
+        chunk_live_.push_back(0);
+      }
       i = slots_used_++;
-      generations_.push_back(0);
+      // A slot of a chunk given back keeps its generation count.
+      if (i == generations_.size()) generations_.push_back(0);
     }
+    ++chunk_live_[i / kChunk];
     index_.insert(CookieHash{}(ev.conn), i);
   }
   ++generations_[i];
@@ -164,6 +198,7 @@ Tracked Tracker::apply(const Event& ev) {
   out.ev = &ev;
   if (ev.ts_ns > last_ns_) last_ns_ = ev.ts_ns;
   expire(ev.ts_ns);
+  release_empty_chunks(ev.ts_ns);
 
   if (ev.type == TCPSCOPE_EV_END) {
     finish(ev.ts_ns);
@@ -317,6 +352,7 @@ void Tracker::finish(uint64_t end_ns) {
   for (Connection* c : all) finalize(*c);
   index_ = HandleIndex{};
   chunks_.clear();
+  chunk_live_.clear();
   free_slots_.clear();
   generations_.clear();
   slots_used_ = 0;

@@ -127,6 +127,8 @@ class Tracker {
 
   const Connection* find(uint64_t id) const;
   size_t size() const { return index_.size(); }
+  // Chunks of connection slots held (memory: kChunk connections each).
+  size_t chunks() const { return chunks_.size(); }
   uint64_t evicted() const { return evicted_; }
   uint64_t last_ns() const { return last_ns_; }
 
@@ -146,7 +148,10 @@ class Tracker {
   Connection* lookup(uint64_t id);
   uint32_t slot_of(uint64_t id) const;  // kNoSlot if not tracked
   void forget(uint32_t slot_index);
-  Connection& slot(uint32_t i) { return chunks_[i / kChunk][i % kChunk]; }
+  Connection& slot(uint32_t i) { return chunks_[i / kChunk].get()[i % kChunk]; }
+  // Gives the top chunks back once none of their slots is in use (at most
+  // once a second: a count that hovers at a chunk boundary costs little).
+  void release_empty_chunks(uint64_t now_ns);
 
   // A lifecycle in a queue: stale once its slot's generation moved on (the
   // connection ended or started again), told without a hash lookup.
@@ -166,11 +171,21 @@ class Tracker {
   // index: no allocation per connection, and a Connection's address stays
   // valid while others come and go (a Tracked outlives evictions it causes).
   static constexpr uint32_t kChunk = 1024;
+  // A chunk is a mapping of its own: zero pages (every slot free, id 0)
+  // until used, and given back whole (malloc would keep a freed block in
+  // its heap, counted in RSS).
+  struct ChunkUnmap {
+    void operator()(Connection* chunk) const;
+  };
+  using Chunk = std::unique_ptr<Connection, ChunkUnmap>;
+  static Chunk map_chunk();
   HandleIndex index_;  // cookie -> slot
-  std::vector<std::unique_ptr<Connection[]>> chunks_;
+  std::vector<Chunk> chunks_;
+  std::vector<uint16_t> chunk_live_;  // per chunk: slots in use
   std::vector<uint32_t> free_slots_;
   std::vector<uint32_t> generations_;  // per slot: lifecycles begun or ended
-  uint32_t slots_used_ = 0;            // slots ever handed out
+  uint32_t slots_used_ = 0;            // slots handed out below the top chunk's end
+  uint64_t next_release_ns_ = 0;
   std::deque<LifecycleRef> closing_;   // by closed_ns
   std::deque<LifecycleRef> started_;   // by first_ns
   uint64_t evicted_ = 0;

@@ -618,6 +618,37 @@ TEST(Tracker, HistoryKeepsTheFirstStates) {
   EXPECT_EQ(c->state_since_ns, ms(16));
 }
 
+// A burst of connections takes chunks of slots; once they have all ended,
+// the chunks go back, and the next connections work as before.
+TEST(Tracker, ChunksOfEndedConnectionsGoBack) {
+  Recorder r;
+  constexpr uint64_t kBurst = 3000;
+  for (uint64_t id = 1; id <= kBurst; ++id)
+    r.apply(State(ms(1), id, kTcpClose, kTcpSynSent).lport(static_cast<uint16_t>(id)));
+  EXPECT_EQ(r.tracker.chunks(), 3u);  // 1024 slots each
+  for (uint64_t id = 1; id <= kBurst; ++id)
+    r.apply(State(ms(2), id, kTcpSynSent, kTcpClose).lport(static_cast<uint16_t>(id)));
+  // Past the close grace the lifecycles end; the chunks go on the next
+  // event, a second later.
+  r.apply(State(ms(1100), 90001, kTcpClose, kTcpSynSent));
+  r.apply(State(ms(2200), 90001, kTcpSynSent, kTcpEstablished));
+  EXPECT_EQ(r.ended.size(), kBurst);
+  EXPECT_EQ(r.tracker.size(), 1u);
+  EXPECT_EQ(r.tracker.chunks(), 1u);
+  // Slots are handed out again, above the released ones too.
+  for (uint64_t id = 100000; id < 100000 + kBurst; ++id)
+    r.apply(State(ms(2300), id, kTcpClose, kTcpSynSent));
+  EXPECT_EQ(r.tracker.size(), kBurst + 1);
+  EXPECT_EQ(r.tracker.chunks(), 3u);
+  const Connection* c = r.tracker.find(100000 + kBurst - 1);
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(c->state, kTcpSynSent);
+  ASSERT_NE(r.tracker.find(90001), nullptr);
+  EXPECT_EQ(r.tracker.find(90001)->state, kTcpEstablished);
+  r.tracker.finish(ms(2400));
+  EXPECT_EQ(r.ended.size(), 2 * kBurst + 1);
+}
+
 // ---- ignored events ----------------------------------------------------------
 
 TEST(Tracker, EventsWithoutConnection) {
