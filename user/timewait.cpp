@@ -125,7 +125,9 @@ void TimeWaitSweep::finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval
     if (initial) e.sk_flags |= TCPSCOPE_SK_SNAPSHOT;
     emit(e);
   }
-  to_report_.clear();  // gives its blocks back: passes are seconds apart
+  to_report_.clear();
+  // A large pass's list goes back: passes are seconds apart.
+  if (to_report_.capacity() > 4096) std::vector<Report>().swap(to_report_);
   for (auto it = known_.begin(); it != known_.end();) {
     if (it->second.pass == pass_) {
       ++it;

@@ -81,9 +81,8 @@ class TimeWaitSweep {
   };
   static Event record_of(uint64_t conn, const Known& k);
   std::unordered_map<uint64_t, Known> known_;
-  // Kept over a pass that failed and so never finished. A deque: a pass
-  // that finds 100,000 new tw socks grows it without a copy of it all.
-  std::deque<Report> to_report_;
+  // Kept over a pass that failed and so never finished.
+  std::vector<Report> to_report_;
   uint32_t pass_ = 0;
   uint64_t seen_ = 0;
 };
