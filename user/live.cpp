@@ -272,10 +272,14 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   auto run_sweep = [&](bool initial) {
     tracer.consume();  // entries first: a tw's CLOSE event precedes its sighting
     const uint64_t t0 = boottime_now_ns();
-    sweep.begin();
-    // Events keep flowing during the pass: they all precede finish().
+    sweep.begin(initial, report_preexisting);
+    // Events keep flowing during the pass; after each read, what the pass
+    // saw a while ago goes out, its CLOSE events read by then (the kernel
+    // reports one microseconds after the tw sock shows in the table).
+    constexpr uint64_t kSettleNs = 5'000'000;
     auto got = tracer.read_sockets(
-        TCPSCOPE_ITER_TIME_WAIT, [&sweep](const SockRecord& r) { sweep.see(r); }, true);
+        TCPSCOPE_ITER_TIME_WAIT, [&sweep](const SockRecord& r) { sweep.see(r); },
+        [&sweep, &consume] { sweep.settle(boottime_now_ns() - kSettleNs, consume); });
     const uint64_t t1 = boottime_now_ns();
     if (!got) {
       // What a failed pass saw stays known; the next pass settles it.
@@ -287,7 +291,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     // sighting looks like a stranger's (pre-existing, filtered out) and the
     // CLOSE like a TIME_WAIT that never was.
     tracer.consume();
-    sweep.finish(t0, t1, cfg_.tw_sweep_ms, initial, report_preexisting, consume);
+    sweep.finish(t0, t1, cfg_.tw_sweep_ms, consume);
     next_sweep = t0 + static_cast<uint64_t>(cfg_.tw_sweep_ms) * 1'000'000;
   };
   if (sweeping) run_sweep(true);

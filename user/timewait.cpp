@@ -85,9 +85,11 @@ Event TimeWaitSweep::record_of(uint64_t conn, const Known& k) {
   return e;
 }
 
-void TimeWaitSweep::begin() {
+void TimeWaitSweep::begin(bool initial, bool report_new_initial) {
   ++pass_;
   seen_ = 0;
+  initial_ = initial;
+  report_new_initial_ = report_new_initial;
 }
 
 void TimeWaitSweep::see(const SockRecord& r) {
@@ -106,12 +108,13 @@ void TimeWaitSweep::see(const SockRecord& r) {
   }
 }
 
-void TimeWaitSweep::finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
-                           bool initial, bool report_new_initial, const Emit& emit) {
-  for (const Report& r : to_report_) {
+void TimeWaitSweep::settle(uint64_t seen_before_ns, const Emit& emit) {
+  for (; to_report_head_ < to_report_.size(); ++to_report_head_) {
+    const Report& r = to_report_[to_report_head_];
     Known& k = known_.at(r.conn);
+    if (k.last_seen_ns >= seen_before_ns) break;
     k.pending = false;
-    if (r.is_new && initial && !report_new_initial) continue;
+    if (r.is_new && initial_ && !report_new_initial_) continue;
     Event e = record_of(r.conn, k);
     e.type = TCPSCOPE_EV_TW_SEEN;
     if (r.is_new) {
@@ -122,11 +125,22 @@ void TimeWaitSweep::finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval
       std::memcpy(e.laddr, r.tuple.laddr.data(), sizeof e.laddr);
       std::memcpy(e.raddr, r.tuple.raddr.data(), sizeof e.raddr);
     }
-    if (initial) e.sk_flags |= TCPSCOPE_SK_SNAPSHOT;
+    if (initial_) e.sk_flags |= TCPSCOPE_SK_SNAPSHOT;
     emit(e);
   }
-  to_report_.clear();
-  // A large pass's list goes back: passes are seconds apart.
+  if (to_report_head_ == to_report_.size()) {
+    to_report_.clear();
+    to_report_head_ = 0;
+  } else if (to_report_head_ > 4096 && to_report_head_ * 2 > to_report_.size()) {
+    to_report_.erase(to_report_.begin(), to_report_.begin() + to_report_head_);
+    to_report_head_ = 0;
+  }
+}
+
+void TimeWaitSweep::finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms,
+                           const Emit& emit) {
+  settle(UINT64_MAX, emit);
+  // A large list goes back: passes are seconds apart.
   if (to_report_.capacity() > 4096) std::vector<Report>().swap(to_report_);
   for (auto it = known_.begin(); it != known_.end();) {
     if (it->second.pass == pass_) {

@@ -328,7 +328,7 @@ Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<Sock
 
 Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,
                                        const std::function<void(const SockRecord&)>& visit,
-                                       bool drain_ring) {
+                                       const std::function<void()>& between_reads) {
   if (!iter_link_) return Error{"no iter/tcp program"};
   skel_->bss->iter_pass = pass;
   // iter/tcp walks the namespace of the task that creates the iterator:
@@ -359,7 +359,10 @@ Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,
       visit(r);
     }
     count += whole;
-    if (drain_ring) ring_buffer__consume(ring_.get());
+    if (between_reads) {
+      ring_buffer__consume(ring_.get());
+      between_reads();
+    }
     const size_t rest = have - whole * sizeof(SockRecord);
     std::memmove(iter_buf_.data(), iter_buf_.data() + whole * sizeof(SockRecord), rest);
     have = rest;

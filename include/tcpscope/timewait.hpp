@@ -44,21 +44,25 @@ Connection describe_connection(const TupleKey& k, uint64_t conn, uint32_t pid,
                                const std::array<char, 16>& comm);
 
 // Diffs successive iter/tcp passes over timewait socks into records. A pass
-// is streamed (no copy of its records): begin(), see() per record, then
-// finish() once the events made during the pass are consumed, since a tw
-// sock's CLOSE event must precede its sighting.
+// is streamed (no copy of its records): begin(), see() per record, settle()
+// now and then, then finish(). A sighting (TW_SEEN) must come after the tw
+// sock's CLOSE event, which the kernel reports just after the tw sock shows
+// in the table: it is held until the events of its time have been read.
 class TimeWaitSweep {
  public:
   using Emit = std::function<void(const Event&)>;
-  void begin();
+  // initial: the first pass at start-up (what it finds predates the trace);
+  // report_new_initial: whether to report those (not when a pid/cgroup
+  // filter hides owners).
+  void begin(bool initial, bool report_new_initial);
   // One record of the pass; others than timewait socks are ignored.
   void see(const SockRecord& r);
-  // Emits what the pass found: TW_SEEN for the new and changed, TW_GONE for
-  // those it no longer saw, then SWEEP. initial: the first pass at start-up
-  // (what it finds predates the trace); report_new_initial: whether to
-  // report those (not when a pid/cgroup filter hides owners).
-  void finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms, bool initial,
-              bool report_new_initial, const Emit& emit);
+  // Emits the sightings of records made before seen_before_ns: the caller
+  // has read every event reported until then.
+  void settle(uint64_t seen_before_ns, const Emit& emit);
+  // Emits the rest once the events made during the pass are read: TW_SEEN
+  // for the new and changed, TW_GONE for those it no longer saw, then SWEEP.
+  void finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval_ms, const Emit& emit);
   size_t known() const { return known_.size(); }
 
  private:
@@ -81,10 +85,15 @@ class TimeWaitSweep {
   };
   static Event record_of(uint64_t conn, const Known& k);
   std::unordered_map<uint64_t, Known> known_;
-  // Kept over a pass that failed and so never finished.
+  // Held sightings, oldest first from to_report_head_ (settle() keeps it
+  // short: a few milliseconds of a pass). Kept over a pass that failed and
+  // so never finished.
   std::vector<Report> to_report_;
+  size_t to_report_head_ = 0;
   uint32_t pass_ = 0;
   uint64_t seen_ = 0;
+  bool initial_ = false;
+  bool report_new_initial_ = true;
 };
 
 // "time_wait": counts, end causes, durations, active closers, port pressure.

@@ -142,12 +142,13 @@ class BpfTracer {
   // all). The filters apply as for events. Reuses out's storage.
   Result<size_t> read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out);
   // The same, each record handed to visit as it is read (no copy of a
-  // large pass). drain_ring: also deliver queued events between reads, so
-  // that a long pass (100,000 tw socks take about 80 ms) does not fill the
-  // ring buffer; only where on_event's consumer may run meanwhile.
+  // large pass). With between_reads: also deliver the queued events after
+  // each read, then call it, so that a long pass (100,000 tw socks take
+  // about 80 ms) does not fill the ring buffer; only where on_event's
+  // consumer may run meanwhile.
   Result<size_t> read_sockets(tcpscope_iter_pass pass,
                               const std::function<void(const SockRecord&)>& visit,
-                              bool drain_ring = false);
+                              const std::function<void()>& between_reads = {});
 
  private:
   BpfTracer() = default;

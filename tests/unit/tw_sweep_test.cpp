@@ -30,10 +30,9 @@ struct Pass {
   void run(TimeWaitSweep& sweep, uint64_t t0, const std::vector<SockRecord>& records,
            bool initial = false, bool report_new_initial = true) {
     out.clear();
-    sweep.begin();
+    sweep.begin(initial, report_new_initial);
     for (const SockRecord& r : records) sweep.see(r);
-    sweep.finish(t0, t0 + 1000, 1000, initial, report_new_initial,
-                 [this](const Event& e) { out.push_back(e); });
+    sweep.finish(t0, t0 + 1000, 1000, [this](const Event& e) { out.push_back(e); });
   }
   std::vector<uint64_t> conns(uint8_t type) const {
     std::vector<uint64_t> v;
@@ -89,13 +88,41 @@ TEST(TimeWaitSweep, InitialPassReportsPreexistingOnlyIfAsked) {
 // by the next one, once.
 TEST(TimeWaitSweep, FailedPassLosesNothing) {
   TimeWaitSweep sweep;
-  sweep.begin();
+  sweep.begin(false, true);
   sweep.see(tw_record(1, 110));
   Pass p;
   p.run(sweep, 200, {tw_record(1, 210), tw_record(2, 211)});
   EXPECT_EQ(p.conns(TCPSCOPE_EV_TW_SEEN), (std::vector<uint64_t>{1, 2}));
   p.run(sweep, 300, {tw_record(1, 310), tw_record(2, 311)});
   EXPECT_TRUE(p.conns(TCPSCOPE_EV_TW_SEEN).empty());
+}
+
+// Sightings go out during the pass once the events of their time are read
+// (settle), oldest first, each once; finish() sends the rest.
+TEST(TimeWaitSweep, SettleSendsWhatIsOldEnough) {
+  TimeWaitSweep sweep;
+  std::vector<Event> out;
+  const auto emit = [&out](const Event& e) { out.push_back(e); };
+  sweep.begin(false, true);
+  sweep.see(tw_record(1, 100));
+  sweep.see(tw_record(2, 200));
+  sweep.see(tw_record(3, 300));
+  sweep.settle(100, emit);  // nothing made before 100
+  EXPECT_TRUE(out.empty());
+  sweep.settle(250, emit);
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[0].conn, 1u);
+  EXPECT_EQ(out[1].conn, 2u);
+  EXPECT_EQ(out[1].rport, 40002);  // a new one carries its tuple
+  sweep.settle(250, emit);
+  EXPECT_EQ(out.size(), 2u);
+  sweep.see(tw_record(4, 400));
+  sweep.finish(50, 500, 1000, emit);
+  ASSERT_EQ(out.size(), 5u);  // 3, 4, then the SWEEP record
+  EXPECT_EQ(out[2].conn, 3u);
+  EXPECT_EQ(out[3].conn, 4u);
+  EXPECT_EQ(out[4].type, TCPSCOPE_EV_SWEEP);
+  EXPECT_EQ(out[4].conn, 4u);  // tw socks seen
 }
 
 }  // namespace
