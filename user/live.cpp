@@ -190,8 +190,9 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   uint64_t next_stats_toggle = boottime_now_ns() + kStatsOnNs;
   auto check_lost = [&](uint64_t now) {
     // Runs the kernel skipped may have carried an event (which socket is
-    // unknown): counted as lost, and said apart.
-    const uint64_t skipped = tracer.skipped_runs();
+    // unknown): counted as lost, and said apart. The figure is a difference
+    // of counters read one after the other: it may lag, never shrink.
+    const uint64_t skipped = std::max(tracer.skipped_runs(), reported_skipped);
     const uint64_t lost = tracer.drops(TCPSCOPE_DROP_RINGBUF) + tracer.malformed() + skipped;
     if (lost > reported_lost) {
       Event e{};

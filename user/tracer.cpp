@@ -441,7 +441,8 @@ uint64_t BpfTracer::skipped_runs() const {
     uint32_t len = sizeof(info);
     if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0) missed += info.recursion_misses;
   }
-  // The counters are read one after the other: never below zero.
+  // Read after the misses: every run a twin did was a miss first, so this
+  // errs low (a twin's run of a later miss), never high.
   const uint64_t done_by_twin = drops(TCPSCOPE_NESTED_STATE);
   return missed > done_by_twin ? missed - done_by_twin : 0;
 }
