@@ -151,7 +151,24 @@ auto row_heap_cmp = [](const RetransmitAnalyzer::Row& a,
                        const RetransmitAnalyzer::Row& b) { return row_less(b, a); };
 }  // namespace
 
+void RetransmitAnalyzer::on_event(const Tracked& t, NoticeOut&) {
+  const Event& e = *t.ev;
+  if (e.type != TCPSCOPE_EV_RETRANSMIT || !t.conn) return;
+  auto* slot = details_.find(t.conn->id);
+  Detail& d = slot ? slot->second : details_[t.conn->id];
+  if (!slot) d.first_ns = e.ts_ns;
+  d.last_ns = e.ts_ns;
+  d.last_state = e.old_state;
+  if (e.old_state < 16) d.states |= static_cast<uint16_t>(1u << e.old_state);
+  if (e.tcp_flags & TCPSCOPE_TCP_FIN) ++d.fin;
+}
+
 void RetransmitAnalyzer::on_end(const Connection& c, NoticeOut&) {
+  Detail d;
+  if (auto* slot = details_.find(c.id)) {
+    d = slot->second;
+    details_.erase(slot);
+  }
   if (c.retransmits == 0) return;
   total_ += c.retransmits;
   ++connections_;
@@ -159,11 +176,11 @@ void RetransmitAnalyzer::on_end(const Connection& c, NoticeOut&) {
   Row r;
   r.conn = ConnSummary::of(c);
   r.count = c.retransmits;
-  r.fin = c.fin_retransmits;
-  r.first_ns = c.first_retransmit_ns;
-  r.last_ns = c.last_retransmit_ns;
-  r.last_state = c.last_retransmit_state;
-  r.states = c.retransmit_states;
+  r.fin = d.fin;
+  r.first_ns = d.first_ns;
+  r.last_ns = d.last_ns;
+  r.last_state = d.last_state;
+  r.states = d.states;
   // Min-heap of the best top_n_: the root is the weakest kept row.
   if (static_cast<int>(rows_.size()) < top_n_) {
     rows_.push_back(r);

@@ -281,11 +281,7 @@ Tracked Tracker::apply(const Event& ev) {
       break;
     }
     case TCPSCOPE_EV_RETRANSMIT:
-      if (c->retransmits++ == 0) c->first_retransmit_ns = ev.ts_ns;
-      c->last_retransmit_ns = ev.ts_ns;
-      c->last_retransmit_state = ev.old_state;
-      if (ev.old_state < 16) c->retransmit_states |= 1u << ev.old_state;
-      if (ev.tcp_flags & TCPSCOPE_TCP_FIN) ++c->fin_retransmits;
+      ++c->retransmits;
       break;
     case TCPSCOPE_EV_RESET_SENT:
       ++c->resets_sent;

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "tcpscope/flat_hash_map.hpp"
 #include "tcpscope/pipeline.hpp"
 
 namespace tcpscope {
@@ -42,6 +43,7 @@ class ConnectionsAnalyzer final : public Analyzer {
 class RetransmitAnalyzer final : public Analyzer {
  public:
   explicit RetransmitAnalyzer(int top_n) : top_n_(top_n) {}
+  void on_event(const Tracked& t, NoticeOut&) override;
   void on_end(const Connection& c, NoticeOut&) override;
   void write_json(JsonWriter& w, TimeFormatter& time) const override;
   void write_text(fmt::memory_buffer& out, TimeFormatter& time,
@@ -59,10 +61,20 @@ class RetransmitAnalyzer final : public Analyzer {
   std::vector<Row> top() const;
 
  private:
+  // Of a connection's retransmits, what only this report shows (the count
+  // is the tracker's), kept here until it ends: a Connection is what
+  // 100,000 open connections cost, and few of them retransmit.
+  struct Detail {
+    uint64_t first_ns = 0, last_ns = 0;
+    uint32_t fin = 0;
+    uint16_t states = 0;  // bit per state retransmitted in
+    uint8_t last_state = 0;
+  };
   int top_n_;
   uint64_t total_ = 0;
   uint64_t connections_ = 0;
   std::vector<Row> rows_;  // at most top_n_, a min-heap on count
+  FlatHashMap<uint64_t, Detail> details_;  // by connection id, while it lasts
 };
 
 // "lost_events": events the kernel could not queue (ring buffer full) plus

@@ -72,8 +72,8 @@ struct Connection {
   uint16_t history_dropped = 0;
   std::array<char, 16> comm{};
   std::array<uint8_t, 16> laddr{};
-  uint32_t retransmits = 0;  // read by every connection's end
-  uint32_t fin_retransmits = 0;
+  uint32_t retransmits = 0;  // read by every connection's end; the rest of
+                             // what they were is RetransmitAnalyzer's
   std::array<uint8_t, 16> raddr{};
 
   // The states in order, the first kHistory only (history_state(i)). Of
@@ -82,10 +82,6 @@ struct Connection {
   uint64_t history = 0;
   uint64_t fin_wait1_ns = 0;  // first entry into FIN_WAIT1 (the local close), 0: never
   uint64_t last_ack_ns = 0;   // first entry into LAST_ACK, 0: never
-  uint8_t last_retransmit_state = 0;
-  uint16_t retransmit_states = 0;  // bit per state retransmitted in
-
-  uint64_t first_retransmit_ns = 0, last_retransmit_ns = 0;
 
   uint8_t history_state(int i) const { return (history >> (4 * i)) & 0xf; }
   bool visited_state(uint8_t s) const { return visited & (1u << s); }

@@ -132,6 +132,33 @@ TEST(RetransmitAnalyzer, TopIsMostFirstTieByIdCapped) {
   EXPECT_EQ(orders, 120);
 }
 
+// What a connection's retransmits were is kept only until it ends: the next
+// lifecycle under the same id starts afresh.
+TEST(RetransmitAnalyzer, DetailEndsWithItsConnection) {
+  RetransmitAnalyzer a(5);
+  NullOut out;
+  const Connection first = rtx(3, 1);
+  const Event fin = Retransmit(ms(10), 3, kTcpFinWait1, TCPSCOPE_TCP_FIN, 0);
+  Tracked t;
+  t.ev = &fin;
+  t.conn = &first;
+  a.on_event(t, out);
+  a.on_end(first, out);
+  const Connection again = rtx(3, 1);
+  const Event syn = Retransmit(ms(20), 3, kTcpSynSent, TCPSCOPE_TCP_SYN, 0);
+  t.ev = &syn;
+  t.conn = &again;
+  a.on_event(t, out);
+  a.on_end(again, out);
+  const auto rows = a.top();
+  ASSERT_EQ(rows.size(), 2u);
+  for (const auto& r : rows) {
+    EXPECT_EQ(r.first_ns, r.last_ns);
+    EXPECT_EQ(r.fin, r.last_state == kTcpFinWait1 ? 1u : 0u);
+    EXPECT_EQ(r.states, 1u << r.last_state);
+  }
+}
+
 TEST(RetransmitAnalyzer, ZeroTopKeepsTotals) {
   RetransmitAnalyzer a(0);
   NullOut out;
@@ -150,22 +177,29 @@ TEST(RetransmitAnalyzer, RowJsonAndText) {
   c.raddr = {10, 0, 0, 2};
   c.pid = 42;
   std::memcpy(c.comm.data(), "curl", 4);
-  c.fin_retransmits = 2;
-  c.first_retransmit_ns = ms(1000);
-  c.last_retransmit_ns = ms(2500);
-  c.last_retransmit_state = kTcpFinWait1;
-  c.retransmit_states = (1u << kTcpEstablished) | (1u << kTcpFinWait1);
   Connection other = rtx(10, 1);
   other.family = 6;
   other.laddr[15] = 1;
   other.raddr[15] = 1;
   other.lport = 5;
   other.rport = 6;
-  other.last_retransmit_state = kTcpSynSent;
-  other.retransmit_states = 1u << kTcpSynSent;
 
   RetransmitAnalyzer a(5);
   NullOut out;
+  // What each retransmit was comes from its event (the count, from the
+  // tracker's Connection).
+  const auto seen = [&](const Connection& of, const Event& e) {
+    Tracked t;
+    t.ev = &e;
+    t.conn = &of;
+    a.on_event(t, out);
+  };
+  seen(c, Retransmit(ms(1000), 9, kTcpEstablished, TCPSCOPE_TCP_ACK, 100));
+  for (int i = 0; i < 4; ++i)
+    seen(c, Retransmit(ms(2000 + i), 9, kTcpEstablished, TCPSCOPE_TCP_ACK, 100));
+  seen(c, Retransmit(ms(2400), 9, kTcpFinWait1, TCPSCOPE_TCP_FIN | TCPSCOPE_TCP_ACK, 0));
+  seen(c, Retransmit(ms(2500), 9, kTcpFinWait1, TCPSCOPE_TCP_FIN | TCPSCOPE_TCP_ACK, 0));
+  seen(other, Retransmit(0, 10, kTcpSynSent, TCPSCOPE_TCP_SYN, 0));
   a.on_end(other, out);
   a.on_end(c, out);
   EXPECT_EQ(json_of(a),
