@@ -318,7 +318,7 @@ void Tracker::expire(uint64_t now_ns) {
 
 void Tracker::enforce_cap() {
   // An entry is stale once its connection ended or started again.
-  if (started_.size() > 2 * size() + 1024)
+  if (started_.size() > size() + size() / 4 + 1024)
     std::erase_if(started_, [this](const LifecycleRef& r) { return stale(r); });
   while (size() > limits_.max_connections) {
     if (!closing_.empty()) {
