@@ -418,29 +418,36 @@ void BpfTracer::sample_stats(bool on) {
   }
 }
 
+namespace {
+// Calls fn with the kernel's bpf_prog_info of each program (those it cannot
+// read are left out).
+template <typename Fn>
+void for_each_prog_info(const std::vector<int>& fds, Fn&& fn) {
+  for (int fd : fds) {
+    bpf_prog_info info{};
+    uint32_t len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0) fn(info);
+  }
+}
+}  // namespace
+
 BpfRunStats BpfTracer::run_stats() const {
   BpfRunStats s;
   if (!stats_sampled_) return s;
   // run_cnt/run_time_ns only grow while the statistics are on.
   s.enabled = true;
   s.sampled_events = sampled_events_;
-  for (int fd : prog_fds_) {
-    bpf_prog_info info{};
-    uint32_t len = sizeof(info);
-    if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) continue;
+  for_each_prog_info(prog_fds_, [&s](const bpf_prog_info& info) {
     s.runs += info.run_cnt;
     s.run_ns += info.run_time_ns;
-  }
+  });
   return s;
 }
 
 uint64_t BpfTracer::skipped_runs() const {
   uint64_t missed = 0;
-  for (int fd : lossy_prog_fds_) {
-    bpf_prog_info info{};
-    uint32_t len = sizeof(info);
-    if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0) missed += info.recursion_misses;
-  }
+  for_each_prog_info(lossy_prog_fds_,
+                     [&missed](const bpf_prog_info& info) { missed += info.recursion_misses; });
   // Read after the misses: every run a twin did was a miss first, so this
   // errs low (a twin's run of a later miss), never high.
   const uint64_t done_by_twin = drops(TCPSCOPE_NESTED_STATE);

@@ -101,9 +101,7 @@ Connection* Tracker::lookup(uint64_t id) {
 
 uint32_t Tracker::slot_of(uint64_t id) const {
   static_assert(kNoSlot == HandleIndex::kNone);
-  return index_.find(CookieHash{}(id), [&](uint32_t i) {
-    return chunks_[i / kChunk].get()[i % kChunk].id == id;
-  });
+  return index_.find(CookieHash{}(id), [&](uint32_t i) { return slot(i).id == id; });
 }
 
 void Tracker::ChunkUnmap::operator()(Connection* chunk) const {

@@ -145,6 +145,7 @@ class Tracker {
   uint32_t slot_of(uint64_t id) const;  // kNoSlot if not tracked
   void forget(uint32_t slot_index);
   Connection& slot(uint32_t i) { return chunks_[i / kChunk].get()[i % kChunk]; }
+  const Connection& slot(uint32_t i) const { return chunks_[i / kChunk].get()[i % kChunk]; }
   // Gives the top chunks back once none of their slots is in use (at most
   // once a second: a count that hovers at a chunk boundary costs little).
   void release_empty_chunks(uint64_t now_ns);
