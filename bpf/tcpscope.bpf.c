@@ -1103,6 +1103,9 @@ int sock_iter(struct bpf_iter__tcp *ctx)
 		return 0;
 	if (iter_pass == TCPSCOPE_ITER_CLOSE_WAIT && state != TCP_CLOSE_WAIT)
 		return 0;
+	/* A tw sock's connection has ended (its CLOSE came first). */
+	if (iter_pass == TCPSCOPE_ITER_AUDIT && state == TCP_TIME_WAIT)
+		return 0;
 	record__tuple(skc, &r);
 	/* Same netns/family/port filters as the tracepoints. */
 	e.netns = r.netns;

@@ -84,6 +84,13 @@ Result<Options> parse_command_line(int argc, char** argv) {
                  "end times without the tw timers; 0 = no sweeps (default 1, or 10 with the "
                  "tw timers)")
       ->check(CLI::Range(0.0, 3600.0));
+  double audit_s = 5;
+  app.add_option("--audit-interval", audit_s,
+                 "Seconds between audits of the connections held open against the kernel's "
+                 "socket table (iter/tcp, the traced namespace only): one gone without its "
+                 "CLOSE is reported as vanished, its last events lost. 0 = off (default 5; "
+                 "needs a live report: trace, or record --json)")
+      ->check(CLI::Range(0.0, 3600.0));
   bool no_tw_timers = false;
   app.add_flag("--no-tw-timers", no_tw_timers,
                "Do not trace timewait timers (saves a probe per kernel timer start; TIME_WAIT "
@@ -233,6 +240,8 @@ Result<Options> parse_command_line(int argc, char** argv) {
   if (tw_sweep_s > 0 && tw_sweep_s < 0.01)
     return Error{"--tw-sweep-interval: use 0 (off) or at least 0.01 s", 2};
   o.trace.tw_sweep_ms = static_cast<uint32_t>(tw_sweep_s * 1000);
+  if (audit_s > 0 && audit_s < 0.1) return Error{"--audit-interval: use 0 (off) or at least 0.1 s", 2};
+  o.trace.audit_ms = static_cast<uint32_t>(audit_s * 1000);
   o.trace.close_wait_threshold_ns = static_cast<uint64_t>(close_wait_s * 1e9);
   return o;
 }

@@ -85,6 +85,9 @@ void CloseWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
       else if (e.old_state == kTcpCloseWait && e.new_state != kTcpCloseWait)
         leave(e, out);
       break;
+    case TCPSCOPE_EV_VANISHED:
+      if (e.old_state == kTcpCloseWait) leave(e, out);
+      break;
     case TCPSCOPE_EV_SNAPSHOT:
       // Only a socket the tracker took from the snapshot (its own events
       // did not come first).

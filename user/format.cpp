@@ -40,6 +40,7 @@ std::string_view event_type_name(uint8_t type) {
     case TCPSCOPE_EV_RESET_SENT: return "reset_sent";
     case TCPSCOPE_EV_RESET_RECEIVED: return "reset_received";
     case TCPSCOPE_EV_LOST: return "lost";
+    case TCPSCOPE_EV_VANISHED: return "vanished";
     case TCPSCOPE_EV_END: return "end";
     case TCPSCOPE_EV_STATS: return "stats";
     default: return "unknown";

@@ -5,6 +5,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fcntl.h>
@@ -19,6 +20,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "tcpscope/audit.hpp"
 #include "tcpscope/format.hpp"
 #include "tcpscope/output.hpp"
 #include "tcpscope/holders.hpp"
@@ -56,6 +58,12 @@ class SignalFd {
  private:
   int fd_ = -1;
 };
+
+// The inode of tcpscope's own network namespace, 0 if unknown.
+uint32_t own_netns_inode() {
+  struct stat st {};
+  return stat("/proc/self/ns/net", &st) == 0 ? static_cast<uint32_t>(st.st_ino) : 0;
+}
 
 // The local port range of the traced namespace (a per-netns sysctl).
 std::pair<uint16_t, uint16_t> read_port_range(const std::string& netns_path) {
@@ -297,6 +305,35 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   };
   if (sweeping) run_sweep(true);
 
+  // The audit: a connection held open whose socket is no longer in the
+  // kernel's table lost its last events, CLOSE included. iter/tcp sees one
+  // namespace: connections of others are not audited. Under --pid a
+  // connection handed to another process leaves the trace: not audited.
+  const bool auditing =
+      audited_ && cfg_.audit_ms > 0 && tracer.has_sock_iter() && !cfg_.filters.pid;
+  // The namespace iter/tcp walks: --netns given as a path, else our own.
+  const uint32_t audit_netns = cfg_.netns_path.empty() ? own_netns_inode() : cfg_.filters.netns;
+  std::vector<uint64_t> present;
+  std::vector<Event> vanished;
+  uint64_t next_audit = start_ns_ + static_cast<uint64_t>(cfg_.audit_ms) * 1'000'000;
+  auto run_audit = [&] {
+    tracer.consume();
+    const uint64_t t0 = boottime_now_ns();
+    present.clear();
+    auto got = tracer.read_sockets(
+        TCPSCOPE_ITER_AUDIT, [&present](const SockRecord& r) { present.push_back(r.conn); },
+        [] {});
+    if (!got) {
+      spdlog::warn("connection audit failed: {}", got.error().message);
+      return;
+    }
+    tracer.consume();  // a socket gone during the pass: its CLOSE is in by now
+    std::sort(present.begin(), present.end());
+    vanished.clear();
+    find_vanished(*audited_, present, audit_netns, t0, vanished);
+    for (const Event& v : vanished) feed(v);
+  };
+
   int rc = 0;
   bool stop = false;
   while (!stop) {
@@ -329,6 +366,10 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     }
     const uint64_t now = boottime_now_ns();
     if (sweeping && now >= next_sweep) run_sweep(false);
+    if (auditing && now >= next_audit) {
+      run_audit();
+      next_audit = boottime_now_ns() + static_cast<uint64_t>(cfg_.audit_ms) * 1'000'000;
+    }
     if (holders.tracking() || holders.busy()) holders.step(now, read_close_wait, feed);
     if (now >= next_tick) {
       Event tick{};
@@ -351,6 +392,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   }
   tracer.consume();
   if (sweeping && rc == 0) run_sweep(false);  // what ended since the last pass
+  if (auditing && rc == 0) run_audit();
   const uint64_t end_ns = boottime_now_ns();
   check_lost(end_ns);
   // Our own overhead, as a record: a capture's report shows it too.

@@ -13,6 +13,7 @@
 #include "tcpscope/features.hpp"
 #include "tcpscope/result.hpp"
 #include "tcpscope/tracer.hpp"
+#include "tcpscope/tracker.hpp"
 
 namespace tcpscope {
 
@@ -34,6 +35,10 @@ class LiveSession {
   // Called on the loop thread for each SIGUSR1 (flight recorder dump); when
   // unset, SIGUSR1 keeps its default action.
   void on_usr1(std::function<void()> fn) { on_usr1_ = std::move(fn); }
+  // The connections the audit checks against the kernel's socket table
+  // (--audit-interval): those gone without a CLOSE get a VANISHED record.
+  // Unset (a bare recording has no tracker), there is no audit.
+  void audit(const Tracker* tracker) { audited_ = tracker; }
 
   // Runs until SIGINT/SIGTERM, until duration_s (if > 0) or until
   // should_stop() says so. on_batch runs after every drained batch (flush
@@ -51,6 +56,7 @@ class LiveSession {
   uint64_t start_ns_ = 0;
   int64_t boot_offset_ns_ = 0;
   std::function<void()> on_usr1_;
+  const Tracker* audited_ = nullptr;
 };
 
 }  // namespace tcpscope

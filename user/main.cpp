@@ -95,6 +95,7 @@ int run_trace(const Options& o) {
     table.write_header();
   }
 
+  session.audit(&pipeline.tracker());
   const int rc = session.run(
       o.duration_s, [&pipeline](const Event& ev) { pipeline.process(ev); },
       [&sink] { sink.flush(); }, [&out] { return out.failed(); });

@@ -419,7 +419,7 @@ bool is_public_record(uint8_t type) {
   // Resets come out as reset_sent/reset_received notices of the reset
   // analysis, which adds their cause.
   return type == TCPSCOPE_EV_STATE || type == TCPSCOPE_EV_RETRANSMIT ||
-         type == TCPSCOPE_EV_LOST || type == TCPSCOPE_EV_STATS;
+         type == TCPSCOPE_EV_LOST || type == TCPSCOPE_EV_STATS || type == TCPSCOPE_EV_VANISHED;
 }
 }  // namespace
 
@@ -496,6 +496,13 @@ void JsonLinesSink::on_event(const Tracked& t) {
       break;
     case TCPSCOPE_EV_RESET_RECEIVED:
       w.member("state", state_name(e.old_state));
+      break;
+    case TCPSCOPE_EV_VANISHED:
+      // The last state seen, and for how long before the audit missed it.
+      w.member("state", state_name(e.old_state));
+      w.key("ms");
+      if (e.aux && e.aux <= e.ts_ns) w.value(static_cast<double>(e.ts_ns - e.aux) / 1e6);
+      else w.null();
       break;
     default:
       break;
@@ -635,6 +642,11 @@ void TableSink::on_event(const Tracked& t) {
     case TCPSCOPE_EV_RESET_RECEIVED:
       table_prefix(out, time_, e.ts_ns, identity_of(t));
       fmt::format_to(o, "RST RECEIVED in {}\n", state_name(e.old_state));
+      break;
+    case TCPSCOPE_EV_VANISHED:
+      table_prefix(out, time_, e.ts_ns, identity_of(t));
+      fmt::format_to(o, "VANISHED in {}: gone from the socket table, its end was lost\n",
+                     state_name(e.old_state));
       break;
     case TCPSCOPE_EV_LOST:
     {

@@ -78,6 +78,7 @@ class LiveJson {
     });
   }
   void process(const Event& ev) { pipeline_.process(ev); }
+  const Tracker& tracker() const { return pipeline_.tracker(); }
   void flush() { sink_.flush(); }
   bool failed() const { return out_.failed(); }
 
@@ -103,6 +104,7 @@ int record_continuous(const Options& o, LiveSession& session, capture::CaptureIn
   capture::CaptureWriter& writer = **created;
   std::unique_ptr<LiveJson> live;
   if (o.json) live = std::make_unique<LiveJson>(o, session);
+  if (live) session.audit(&live->tracker());
   session.on_usr1([&writer] { writer.flush(); });  // SIGUSR1: flush now
   fmt::print(stderr, "tcpscope: recording to {}\n", r.output);
 
@@ -212,6 +214,7 @@ int record_ring(const Options& o, LiveSession& session, capture::CaptureInfo inf
   FlightRecorder fr(o, std::move(info));
   std::unique_ptr<LiveJson> live;
   if (o.json) live = std::make_unique<LiveJson>(o, session);
+  if (live) session.audit(&live->tracker());
   bool dump_failed = false;
   session.on_usr1([&] { dump_failed |= !fr.dump("SIGUSR1", boottime_now_ns()); });
   fmt::print(stderr, "tcpscope: flight recorder on ({} bytes), dumps to {}\n", o.record.ring_bytes,

@@ -243,6 +243,7 @@ void RetransmitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
 // ---- LostAnalyzer ----------------------------------------------------------
 
 void LostAnalyzer::on_event(const Tracked& t, NoticeOut&) {
+  if (t.ev->type == TCPSCOPE_EV_VANISHED && t.conn) ++vanished_;
   if (t.ev->type != TCPSCOPE_EV_LOST) return;
   lost_ += t.ev->conn;
   skipped_ += std::min(t.ev->aux, t.ev->conn);  // a capture may say otherwise
@@ -251,6 +252,7 @@ void LostAnalyzer::on_event(const Tracked& t, NoticeOut&) {
 void LostAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
   w.member("lost_events", lost_);
   w.member("lost_kernel_skipped", skipped_);
+  w.member("lost_vanished", vanished_);
 }
 
 void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
@@ -264,6 +266,11 @@ void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
                    "  {} runs of tcpscope's programs the kernel skipped (an interrupt "
                    "hit the tracepoint again while one ran); their socket is unknown\n",
                    skipped_);
+  if (vanished_)
+    fmt::format_to(o,
+                   "  {} connections vanished: gone from the kernel's socket table at an audit, "
+                   "their last events never seen\n",
+                   vanished_);
 }
 
 }  // namespace tcpscope

@@ -27,6 +27,7 @@ std::string_view close_kind_name(CloseKind kind) {
     case CloseKind::ResetSent: return "reset_sent";
     case CloseKind::ResetReceived: return "reset_received";
     case CloseKind::Aborted: return "aborted";
+    case CloseKind::Vanished: return "vanished";
   }
   return "open";
 }
@@ -63,6 +64,7 @@ OpenKind open_kind_of(const Event& ev) {
 
 CloseKind Tracker::classify_close(const Connection& c) {
   if (!c.is_closed()) return CloseKind::Open;
+  if (c.vanished) return CloseKind::Vanished;
   // A RST we sent that ends the connection: either the local side aborted
   // (SO_LINGER 0, unread data...) or it answered the peer's segment
   // (TCP_ABORT_ON_DATA). tcp_reset() also fires tcp_receive_reset on
@@ -217,6 +219,18 @@ Tracked Tracker::apply(const Event& ev) {
     c.state_since_ns = ev.ts_ns;
     if (ev.new_state < 32) c.visited |= 1u << ev.new_state;
     enforce_cap();
+    out.conn = &c;
+    return out;
+  }
+  // An audit found the socket gone, its CLOSE never seen: it ends now.
+  if (ev.type == TCPSCOPE_EV_VANISHED) {
+    const uint32_t i = slot_of(ev.conn);
+    if (i == kNoSlot || slot(i).is_closed()) return out;
+    Connection& c = slot(i);
+    c.vanished = true;
+    c.closed_ns = ev.ts_ns;
+    c.close_from = c.state;
+    closing_.push_back(ref(ev.ts_ns, i));
     out.conn = &c;
     return out;
   }

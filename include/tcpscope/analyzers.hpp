@@ -90,6 +90,10 @@ class LostAnalyzer final : public Analyzer {
  private:
   uint64_t lost_ = 0;
   uint64_t skipped_ = 0;  // part of lost_
+  // Connections an audit found gone with their end unseen; their lost
+  // events are not in lost_ (how many, and whether a skipped run was one
+  // of them, is unknown).
+  uint64_t vanished_ = 0;
 };
 
 }  // namespace tcpscope

@@ -122,6 +122,16 @@ enum tcpscope_event_type {
 				     seg_len = processes read, reason =
 				     sockets searched, rx_queue = sockets
 				     found held, tx_queue = steps */
+	TCPSCOPE_EV_VANISHED = 28, /* a connection the trace holds open was not
+				     in the kernel's socket table at an audit
+				     pass (iter/tcp, --audit-interval), and
+				     its CLOSE never came: its last events
+				     were lost (the kernel skipped our
+				     programs, or the ring dropped them).
+				     conn, netns, family, tuple = the
+				     connection's; old_state = the last
+				     state seen; aux = when it was entered
+				     (boot ns) */
 	TCPSCOPE_EV_STATS = 32,	   /* tcpscope's own overhead, once at the end
 				     of a live trace (before END), so that
 				     `report` of a capture prints what live
@@ -157,6 +167,8 @@ enum tcpscope_iter_pass {
 	TCPSCOPE_ITER_TIME_WAIT = 0,  /* timewait socks: the periodic sweep */
 	TCPSCOPE_ITER_ALL = 1,	      /* every socket: start-up snapshot */
 	TCPSCOPE_ITER_CLOSE_WAIT = 2, /* CLOSE_WAIT sockets: holder resolution */
+	TCPSCOPE_ITER_AUDIT = 3,      /* every socket but timewait socks: the
+					 audit of open connections */
 };
 
 /* How the owner (pid, comm) of the connection was learnt. */

@@ -40,6 +40,7 @@ struct TraceConfig {
   bool sock_iter = true;                 // load iter/tcp (tw sweep, snapshot)
   bool tw_timers = true;                 // trace tw socks by their timer
   uint32_t tw_sweep_ms = 1000;           // TIME_WAIT sweep period, 0 = off
+  uint32_t audit_ms = 5000;              // open-connection audit period, 0 = off
   std::string netns_path;                // --netns as a path, if given
   bool bpf_stats = true;                 // measure our BPF run time (BPF_ENABLE_STATS)
   bool print_stats = false;              // --stats: overhead summary on stderr at exit

@@ -32,8 +32,10 @@ enum class CloseKind : uint8_t {
   ResetReceived,  // the peer's RST ended it
   Aborted,        // we tore it down without FIN: SO_LINGER 0, close with
                   // unread data, connect timeout, tcp_abort
+  Vanished,       // gone from the kernel's socket table, its end unseen
+                  // (an audit found it: its last events were lost)
 };
-inline constexpr int kCloseKindCount = 7;
+inline constexpr int kCloseKindCount = 8;
 
 std::string_view open_kind_name(OpenKind kind);
 std::string_view close_kind_name(CloseKind kind);
@@ -65,6 +67,7 @@ struct Connection {
   uint8_t family = 0;
   uint8_t owner_src = TCPSCOPE_OWNER_NONE;
   uint8_t close_sk_flags = 0; // tcpscope_sk_flags at the CLOSE transition
+  bool vanished = false;      // an audit found it gone (TCPSCOPE_EV_VANISHED)
   bool snapshot = false;      // found by the start-up snapshot (SNAPSHOT
                               // record): it predates the trace
   uint8_t last_reset_flags = 0;    // flags of the segment that drew it
@@ -122,6 +125,14 @@ class Tracker {
   void finish(uint64_t end_ns);
 
   const Connection* find(uint64_t id) const;
+  // Every connection still open (no CLOSE seen), in slot order.
+  template <typename Fn>
+  void for_each_open(Fn&& fn) const {
+    for (uint32_t i = 0; i < slots_used_; ++i) {
+      const Connection& c = slot(i);
+      if (c.id && !c.is_closed()) fn(c);
+    }
+  }
   size_t size() const { return index_.size(); }
   // Chunks of connection slots held (memory: kChunk connections each).
   size_t chunks() const { return chunks_.size(); }

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -616,6 +617,10 @@ Tracer::~Tracer() {
 
 bool Tracer::start(const NetNs& ns, const std::vector<std::string>& extra, Millis timeout) {
   std::vector<std::string> args = {"--json", "--netns", ns.path()};
+  // Audits every second: a connection whose end the kernel did not show us
+  // is reported (vanished) while the test still waits, and counted lost.
+  if (std::find(extra.begin(), extra.end(), "--audit-interval") == extra.end())
+    args.insert(args.end(), {"--audit-interval", "1"});
   args.insert(args.end(), extra.begin(), extra.end());
   return start_raw(args, timeout);
 }
@@ -688,7 +693,10 @@ void Tracer::reader() {
           bad_.push_back(std::move(line));
           continue;
         }
-        if (j.value("type", "") == "lost") g_counted_losses += j.value("count", uint64_t{1});
+        // A vanished connection lost at least one event (its CLOSE).
+        const std::string type = j.value("type", "");
+        if (type == "lost") g_counted_losses += j.value("count", uint64_t{1});
+        else if (type == "vanished") g_counted_losses += 1;
         lines_.push_back(std::move(j));
       }
       partial.erase(0, start);
@@ -725,6 +733,12 @@ int Tracer::stop(Millis timeout) {
   if (pid_ <= 0 || reaped_) return exit_status_;
   ::kill(pid_, SIGINT);
   finish_process(wait_pid_bounded(pid_, timeout));
+  // A vanished connection is one whose end the trace lost: no test expects
+  // one unless it says so (the failure is then retried, as a loss).
+  if (!allow_vanished_) {
+    const auto gone = events("vanished");
+    if (!gone.empty()) ADD_FAILURE() << gone.size() << " vanished connections, first: " << gone[0].dump();
+  }
   return exit_status_;
 }
 
@@ -754,7 +768,9 @@ std::string Tracer::diagnostics() const {
   std::string s = "tracer: " + join(args_) + "\n  exit status: " + std::to_string(exit_status_) +
                   "\n  stderr: " + err_text_ + "\n  " + std::to_string(lines_.size()) +
                   " JSON lines, " + std::to_string(bad_.size()) + " bad lines\n";
-  s += dump(lines_, 60);
+  // TCPSCOPE_KTEST_ALL_LINES=1: every line, not the last 60.
+  const bool all = std::getenv("TCPSCOPE_KTEST_ALL_LINES") != nullptr;
+  s += dump(lines_, all ? lines_.size() : 60);
   for (const auto& b : bad_) s += "  BAD: " + b.substr(0, 300) + "\n";
   return s;
 }

@@ -1,5 +1,5 @@
 // Kernel tests' main: runs the tests, and runs those that failed again when
-// a tracer of theirs counted lost events.
+// a tracer of theirs counted lost events (lost or vanished lines).
 //
 // The kernel skips a run of a tracing program when an interrupt hits the same
 // tracepoint while the program runs on that CPU (recursion_misses); tcpscope
@@ -55,8 +55,8 @@ int main(int argc, char** argv) {
     return rc;
   }
   std::fprintf(stderr,
-               "[ktest] the tracers counted %llu lost events (see \"lost\" lines): the failure "
-               "may be theirs; running %s again (attempt %d of %d)\n",
+               "[ktest] the tracers counted %llu lost events (see \"lost\" and \"vanished\" "
+               "lines): the failure may be theirs; running %s again (attempt %d of %d)\n",
                static_cast<unsigned long long>(lost), filter.c_str(), attempt + 1, kMaxAttempts);
   std::fflush(nullptr);
   setenv(kAttemptEnv, std::to_string(attempt + 1).c_str(), 1);

@@ -68,12 +68,12 @@ TEST(ConnectionsAnalyzer, CountsByOpenAndCloseKind) {
   EXPECT_EQ(json_of(a),
             R"({"connections":{"total":5,"by_open":{"active":2,"passive":2,"unknown":1},)"
             R"("by_close":{"open":1,"active_close":1,"passive_close":1,"simultaneous":0,)"
-            R"("reset_sent":1,"reset_received":0,"aborted":1},"listeners":2}})");
+            R"("reset_sent":1,"reset_received":0,"aborted":1,"vanished":0},"listeners":2}})");
   EXPECT_EQ(text_of(a),
             "\nConnections: 5 (active open 2, passive open 2, seen mid-life 1); "
             "listeners: 2\n"
             "  closed by: active_close 1, passive_close 1, simultaneous 0, reset_sent 1, "
-            "reset_received 0, aborted 1; still open 1\n");
+            "reset_received 0, aborted 1, vanished 0; still open 1\n");
 }
 
 TEST(ConnectionsAnalyzer, Empty) {
@@ -82,7 +82,7 @@ TEST(ConnectionsAnalyzer, Empty) {
   EXPECT_EQ(json_of(a),
             R"({"connections":{"total":0,"by_open":{"active":0,"passive":0,"unknown":0},)"
             R"("by_close":{"open":0,"active_close":0,"passive_close":0,"simultaneous":0,)"
-            R"("reset_sent":0,"reset_received":0,"aborted":0},"listeners":0}})");
+            R"("reset_sent":0,"reset_received":0,"aborted":0,"vanished":0},"listeners":0}})");
 }
 
 // ---- RetransmitAnalyzer ----------------------------------------------------------
@@ -237,14 +237,34 @@ TEST(LostAnalyzer, SumsLostRecords) {
   t.ev = &lost2;
   a.on_event(t, out);
   EXPECT_EQ(a.lost(), 8u);
-  EXPECT_EQ(json_of(a), R"({"lost_events":8,"lost_kernel_skipped":1})");
+  EXPECT_EQ(json_of(a), R"({"lost_events":8,"lost_kernel_skipped":1,"lost_vanished":0})");
   EXPECT_EQ(text_of(a),
             "\nLost events: 8\n  7 ring buffer full: raise --ring-size\n  1 runs of tcpscope's "
             "programs the kernel skipped (an interrupt hit the tracepoint again while one "
             "ran); their socket is unknown\n");
   LostAnalyzer none;
   EXPECT_EQ(text_of(none), "\nLost events: 0\n");
-  EXPECT_EQ(json_of(none), R"({"lost_events":0,"lost_kernel_skipped":0})");
+  EXPECT_EQ(json_of(none), R"({"lost_events":0,"lost_kernel_skipped":0,"lost_vanished":0})");
+}
+
+// Vanished connections are counted apart from lost events: how many events
+// each lost is unknown. One the tracker did not know (t.conn null) is none.
+TEST(LostAnalyzer, CountsVanishedConnectionsApart) {
+  LostAnalyzer a;
+  NullOut out;
+  const Event gone = Vanished(ms(5), 9, kTcpFinWait1, ms(1));
+  const Connection c;
+  Tracked t;
+  t.ev = &gone;
+  t.conn = &c;
+  a.on_event(t, out);
+  t.conn = nullptr;
+  a.on_event(t, out);
+  EXPECT_EQ(a.lost(), 0u);
+  EXPECT_EQ(json_of(a), R"({"lost_events":0,"lost_kernel_skipped":0,"lost_vanished":1})");
+  EXPECT_EQ(text_of(a),
+            "\nLost events: 0\n  1 connections vanished: gone from the kernel's socket table "
+            "at an audit, their last events never seen\n");
 }
 
 // A capture is untrusted: a record claiming more skipped runs than it lost
@@ -256,7 +276,7 @@ TEST(LostAnalyzer, SkippedNeverExceedsLost) {
   Tracked t;
   t.ev = &bad;
   a.on_event(t, out);
-  EXPECT_EQ(json_of(a), R"({"lost_events":2,"lost_kernel_skipped":2})");
+  EXPECT_EQ(json_of(a), R"({"lost_events":2,"lost_kernel_skipped":2,"lost_vanished":0})");
 }
 
 // ---- Pipeline --------------------------------------------------------------------
@@ -376,7 +396,7 @@ TEST(Pipeline, EveryKindReport) {
   EXPECT_EQ(got,
             R"({"connections":{"total":7,"by_open":{"active":4,"passive":2,"unknown":1},)"
             R"("by_close":{"open":1,"active_close":1,"passive_close":1,"simultaneous":1,)"
-            R"("reset_sent":1,"reset_received":1,"aborted":1},"listeners":1},)"
+            R"("reset_sent":1,"reset_received":1,"aborted":1,"vanished":0},"listeners":1},)"
             R"("retransmits":{"total":5,"connections":2,"top":[)"
             R"({"conn":7,"family":4,"laddr":"10.0.0.1","lport":40000,"raddr":"10.0.0.2",)"
             R"("rport":80,"pid":0,"comm":"","count":3,"fin":0,)"
@@ -386,7 +406,7 @@ TEST(Pipeline, EveryKindReport) {
             R"("rport":80,"pid":42,"comm":"curl","count":2,"fin":1,)"
             R"("first":"1970-01-01T00:00:00.003000000Z","last":"1970-01-01T00:00:00.011000000Z",)"
             R"("last_state":"FIN_WAIT1","states":["ESTABLISHED","FIN_WAIT1"]}]},)"
-            R"("lost_events":8,"lost_kernel_skipped":0})");
+            R"("lost_events":8,"lost_kernel_skipped":0,"lost_vanished":0})");
   EXPECT_TRUE(json::accept(got));
 
   // Processing after the end changes nothing.

@@ -441,7 +441,7 @@ TEST(JsonLinesSink, Lines) {
 
   const ordered_json& rep = j[10];
   EXPECT_EQ(keys_of(rep), (Keys{"type", "time", "events", "connections", "retransmits",
-                                "lost_events", "lost_kernel_skipped", "resets",
+                                "lost_events", "lost_kernel_skipped", "lost_vanished", "resets",
                                 "late_fin_resets"}));
   EXPECT_EQ(rep["resets"]["sent"]["total"], 2);
   EXPECT_EQ(rep["resets"]["sent"]["by_cause"]["data_after_close"], 1);
@@ -568,7 +568,7 @@ TEST(TableSink, HeaderRowsAndReport) {
       "",
       "Connections: 1 (active open 1, passive open 0, seen mid-life 0); listeners: 0",
       "  closed by: active_close 0, passive_close 0, simultaneous 0, reset_sent 1, "
-      "reset_received 0, aborted 0; still open 0",
+      "reset_received 0, aborted 0, vanished 0; still open 0",
       "",
       "Retransmits: 1 on 1 connections",
       "       1  10.0.0.1:40000 -> 10.0.0.2:80  pid 42 curl  last in ESTABLISHED",
@@ -599,6 +599,24 @@ TEST(TableSink, LostLineSaysWhy) {
             "00:00:01.001 LOST 5 events (3 ring buffer full, 2 program runs the kernel skipped)\n"
             "00:00:01.002 LOST 5 events (5 program runs the kernel skipped)\n"
             "00:00:01.003 LOST 1 events (1 program runs the kernel skipped)\n");
+}
+
+// A vanished connection's line names it as the tracker knew it, with its
+// last state and the time spent there before the audit missed it.
+TEST(Sinks, VanishedLine) {
+  const Event st = State(ms(1000), 5, kTcpEstablished, kTcpFinWait1).owner(42, "srv");
+  const Event gone = Vanished(ms(3500), 5, kTcpFinWait1, ms(1000));
+  const auto json = split_lines(sink_text<JsonLinesSink>({st, gone}));
+  ASSERT_EQ(json.size(), 2u);
+  EXPECT_EQ(json[1],
+            R"({"type":"vanished","time":"1970-01-01T00:00:03.500000000Z","conn":5,)"
+            R"("netns":4026531840,"family":4,"laddr":"10.0.0.1","lport":40000,)"
+            R"("raddr":"10.0.0.2","rport":80,)"
+            R"("pid":42,"comm":"srv","state":"FIN_WAIT1","ms":2500.000,"owner":"syscall",)"
+            R"("rx_queue":0})");
+  EXPECT_EQ(split_lines(sink_text<TableSink>({st, gone})).at(1),
+            "00:00:03.500 42      srv             10.0.0.1:40000        10.0.0.2:80           "
+            "VANISHED in FIN_WAIT1: gone from the socket table, its end was lost");
 }
 
 TEST(Sinks, EndRecordWritesNoLine) {

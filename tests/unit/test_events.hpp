@@ -153,6 +153,10 @@ inline Ev ResetReceived(uint64_t ts, uint64_t conn, uint8_t state) {
 inline Ev Lost(uint64_t ts, uint64_t count, uint64_t skipped = 0) {
   return Ev(TCPSCOPE_EV_LOST, ts, count).aux(skipped);
 }
+// An audit found conn gone, last seen in `state` since `since`.
+inline Ev Vanished(uint64_t ts, uint64_t conn, uint8_t state, uint64_t since) {
+  return Ev(TCPSCOPE_EV_VANISHED, ts, conn).in(state).aux(since);
+}
 inline Event End(uint64_t ts) {
   Event e;
   std::memset(&e, 0, sizeof e);

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "tcpscope/audit.hpp"
 #include "tcpscope/tracker.hpp"
 #include "test_events.hpp"
 
@@ -33,6 +34,7 @@ TEST(TrackerNames, OpenAndCloseKinds) {
   EXPECT_EQ(close_kind_name(CloseKind::ResetSent), "reset_sent");
   EXPECT_EQ(close_kind_name(CloseKind::ResetReceived), "reset_received");
   EXPECT_EQ(close_kind_name(CloseKind::Aborted), "aborted");
+  EXPECT_EQ(close_kind_name(CloseKind::Vanished), "vanished");
 }
 
 // ---- opens and closes ------------------------------------------------------
@@ -234,6 +236,79 @@ TEST(Tracker, LingerZeroIsAborted) {
   EXPECT_EQ(r.ended[0].close_kind, CloseKind::Aborted);
   EXPECT_EQ(r.ended[0].last_reset_reason, kRstTcpState);
   EXPECT_EQ(r.ended[0].resets_sent, 1u);
+}
+
+// An audit found the socket gone in FIN_WAIT1, its FIN_WAIT2 and CLOSE
+// never seen: the connection ends as vanished, after the close grace like
+// any other, and is no longer open.
+TEST(Tracker, VanishedEndsTheConnection) {
+  Recorder r;
+  r.run({
+      State(ms(1), 610, kTcpListen, kTcpSynRecv),
+      State(ms(2), 610, kTcpSynRecv, kTcpEstablished),
+      State(ms(3), 610, kTcpEstablished, kTcpFinWait1),
+      State(ms(4), 611, kTcpClose, kTcpSynSent),
+  });
+  V64 open;
+  r.tracker.for_each_open([&](const Connection& c) { open.push_back(c.id); });
+  EXPECT_EQ(open, (V64{610, 611}));
+
+  const Tracked t = r.apply(Vanished(ms(900), 610, kTcpFinWait1, ms(3)));
+  ASSERT_NE(t.conn, nullptr);
+  EXPECT_TRUE(t.conn->vanished);
+  EXPECT_EQ(t.conn->closed_ns, ms(900));
+  EXPECT_EQ(t.conn->close_from, kTcpFinWait1);
+  open.clear();
+  r.tracker.for_each_open([&](const Connection& c) { open.push_back(c.id); });
+  EXPECT_EQ(open, (V64{611}));
+  // Unknown or already ended: nothing to end.
+  EXPECT_EQ(r.apply(Vanished(ms(901), 612, kTcpEstablished, ms(1))).conn, nullptr);
+  EXPECT_EQ(r.apply(Vanished(ms(902), 610, kTcpFinWait1, ms(3))).conn, nullptr);
+  EXPECT_TRUE(r.ended.empty());
+
+  r.apply(State(ms(2000), 611, kTcpSynSent, kTcpEstablished));  // past the grace
+  ASSERT_EQ(r.ended.size(), 1u);
+  EXPECT_EQ(r.ended[0].id, 610u);
+  EXPECT_EQ(r.ended[0].close_kind, CloseKind::Vanished);
+  EXPECT_EQ(history_states(r.ended[0]),
+            (V8{kTcpListen, kTcpSynRecv, kTcpEstablished, kTcpFinWait1}));
+}
+
+// The audit judges only settled, open connections of the namespace walked,
+// with cookie ids, and finds those the pass did not see.
+TEST(Audit, FindsOnlySettledOpenConnectionsMissingFromThePass) {
+  Recorder r;
+  const uint64_t kPrivate = (1ull << 63) | 5;
+  r.run({
+      State(ms(1), 701, kTcpClose, kTcpSynSent),                   // present
+      State(ms(2), 702, kTcpListen, kTcpSynRecv),                  // gone
+      State(ms(3), 702, kTcpSynRecv, kTcpEstablished),
+      State(ms(4), 703, kTcpClose, kTcpSynSent).netns(kNetns + 1),  // other netns
+      State(ms(5), kPrivate, kTcpClose, kTcpSynSent),              // not a cookie
+      State(ms(6), 704, kTcpClose, kTcpSynSent),                   // closed
+      State(ms(7), 704, kTcpSynSent, kTcpClose),
+      State(ms(8), 705, kTcpEstablished, kTcpCloseWait),           // gone
+      State(ms(900), 706, kTcpClose, kTcpSynSent),                 // too recent
+      ResetSent(ms(9), 707, kTcpNewSynRecv, kRstNoSocket),          // request sock
+  });
+  const V64 present{701};
+  std::vector<Event> out;
+  find_vanished(r.tracker, present, kNetns, ms(8) + kAuditSettledNs, out);
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[0].type, TCPSCOPE_EV_VANISHED);
+  EXPECT_EQ(out[0].conn, 702u);
+  EXPECT_EQ(out[0].old_state, kTcpEstablished);
+  EXPECT_EQ(out[0].aux, ms(3));
+  EXPECT_EQ(out[0].ts_ns, ms(8) + kAuditSettledNs);
+  EXPECT_EQ(out[0].netns, kNetns);
+  EXPECT_EQ(out[0].lport, r.tracker.find(702)->lport);
+  EXPECT_EQ(out[1].conn, 705u);
+  EXPECT_EQ(out[1].old_state, kTcpCloseWait);
+  // One just settled at the pass start is judged; the next nanosecond, not.
+  out.clear();
+  find_vanished(r.tracker, present, kNetns, ms(8) + kAuditSettledNs - 1, out);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].conn, 702u);
 }
 
 TEST(Tracker, CloseWithUnreadDataIsAborted) {
