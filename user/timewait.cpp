@@ -219,6 +219,10 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
   if (first_ns_ == 0 && e.type != TCPSCOPE_EV_CONFIG) first_ns_ = e.ts_ns;
   expire_pending(e.ts_ns, out);
   settle_unarmed(e.ts_ns, out);
+  if (e.ts_ns >= next_release_ns_) {
+    next_release_ns_ = e.ts_ns + 1'000'000'000;
+    open_.release_empty_top();
+  }
   switch (e.type) {
     case TCPSCOPE_EV_CONFIG:
       port_lo_ = static_cast<uint16_t>(e.reason);
@@ -315,14 +319,7 @@ const TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::open_find_tuple(const TupleKey& tu
 
 TimeWaitAnalyzer::Tw& TimeWaitAnalyzer::open_add(const Tw& tw) {
   static_assert(sizeof(Tw) <= 120, "Tw::slot should fit in padding");
-  uint32_t i;
-  if (!open_free_.empty()) {
-    i = open_free_.back();
-    open_free_.pop_back();
-  } else {
-    if (open_used_ % kOpenChunk == 0) open_chunks_.push_back(std::make_unique<Tw[]>(kOpenChunk));
-    i = open_used_++;
-  }
+  const uint32_t i = open_.acquire();
   Tw& added = open_slot(i);
   added = tw;
   added.slot = i;
@@ -340,7 +337,7 @@ void TimeWaitAnalyzer::open_erase(const Tw& tw) {
   const uint32_t i = tw.slot;
   open_by_conn_.erase(CookieHash{}(tw.conn), i);
   open_by_tuple_.erase(tw.tuple_hash, i);  // if the tuple still names it
-  open_free_.push_back(i);
+  open_.release(i);
   --open_count_;
 }
 

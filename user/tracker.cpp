@@ -1,6 +1,5 @@
 #include "tcpscope/tracker.hpp"
 
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstring>
@@ -106,24 +105,11 @@ uint32_t Tracker::slot_of(uint64_t id) const {
   return index_.find(CookieHash{}(id), [&](uint32_t i) { return slot(i).id == id; });
 }
 
-void Tracker::ChunkUnmap::operator()(Connection* chunk) const {
-  munmap(chunk, kChunk * sizeof(Connection));
-}
-
-Tracker::Chunk Tracker::map_chunk() {
-  // Zero pages are free slots: Connection is an implicit-lifetime type.
-  void* p = mmap(nullptr, kChunk * sizeof(Connection), PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) throw std::bad_alloc();
-  return Chunk(static_cast<Connection*>(p));
-}
-
 // Frees a slot; id 0 marks it free.
 void Tracker::forget(uint32_t slot_index) {
   Connection& c = slot(slot_index);
-  free_slots_.push_back(slot_index);
+  slab_.release(slot_index);
   ++generations_[slot_index];
-  --chunk_live_[slot_index / kChunk];
   index_.erase(CookieHash{}(c.id), slot_index);
   c.id = 0;
 }
@@ -131,14 +117,7 @@ void Tracker::forget(uint32_t slot_index) {
 void Tracker::release_empty_chunks(uint64_t now_ns) {
   if (now_ns < next_release_ns_) return;
   next_release_ns_ = now_ns + 1'000'000'000;
-  size_t keep = chunks_.size();
-  while (keep > 1 && chunk_live_[keep - 1] == 0) --keep;
-  if (keep == chunks_.size()) return;
-  chunks_.resize(keep);
-  chunk_live_.resize(keep);
-  const uint32_t end = static_cast<uint32_t>(keep) * kChunk;
-  slots_used_ = std::min(slots_used_, end);
-  std::erase_if(free_slots_, [end](uint32_t i) { return i >= end; });
+  slab_.release_empty_top();
 }
 
 uint32_t Tracker::start(const Event& ev, uint32_t existing) {
@@ -148,19 +127,9 @@ uint32_t Tracker::start(const Event& ev, uint32_t existing) {
     // failure): the old lifecycle is final now.
     finalize(slot(existing));
   } else {
-    if (!free_slots_.empty()) {
-      i = free_slots_.back();
-      free_slots_.pop_back();
-    } else {
-      if (slots_used_ % kChunk == 0) {
-        chunks_.push_back(map_chunk());
-        chunk_live_.push_back(0);
-      }
-      i = slots_used_++;
-      // A slot of a chunk given back keeps its generation count.
-      if (i == generations_.size()) generations_.push_back(0);
-    }
-    ++chunk_live_[i / kChunk];
+    i = slab_.acquire();
+    // A slot of a chunk given back keeps its generation count.
+    if (i == generations_.size()) generations_.push_back(0);
     index_.insert(CookieHash{}(ev.conn), i);
   }
   ++generations_[i];
@@ -352,18 +321,15 @@ void Tracker::finish(uint64_t end_ns) {
   // Final order: by start time, so reports do not depend on hash order.
   std::vector<Connection*> all;
   all.reserve(size());
-  for (uint32_t i = 0; i < slots_used_; ++i)
+  for (uint32_t i = 0; i < slab_.used(); ++i)
     if (slot(i).id) all.push_back(&slot(i));
   std::sort(all.begin(), all.end(), [](const Connection* a, const Connection* b) {
     return a->first_ns != b->first_ns ? a->first_ns < b->first_ns : a->id < b->id;
   });
   for (Connection* c : all) finalize(*c);
   index_ = HandleIndex{};
-  chunks_.clear();
-  chunk_live_.clear();
-  free_slots_.clear();
+  slab_.clear();
   generations_.clear();
-  slots_used_ = 0;
   closing_.clear();
   started_.clear();
 }

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "tcpscope/flat_hash_map.hpp"
+#include "tcpscope/slab.hpp"
 #include "tcpscope/histogram.hpp"
 #include "tcpscope/pipeline.hpp"
 
@@ -206,9 +207,9 @@ class TimeWaitAnalyzer final : public Analyzer {
     return const_cast<Tw*>(std::as_const(*this).open_find_tuple(tuple, tuple_hash));
   }
   Tw& open_add(const Tw& tw);
-  Tw& open_slot(uint32_t i) { return open_chunks_[i / kOpenChunk][i % kOpenChunk]; }
+  Tw& open_slot(uint32_t i) { return open_[i]; }
   const Tw& open_slot(uint32_t i) const {
-    return open_chunks_[i / kOpenChunk][i % kOpenChunk];
+    return open_[i];
   }
   void open_erase(const Tw& tw);
   void on_tw_seen(const Event& e);
@@ -245,12 +246,11 @@ class TimeWaitAnalyzer final : public Analyzer {
   // Open tw socks: records in a slab, found through compact indexes (a
   // table holding the records was the consumer's costliest cache misses).
   // Fixed-size chunks: growth never copies live records (a doubling vector
-  // peaked at three times the live size) and references stay valid.
-  static constexpr uint32_t kOpenChunk = 1024;
-  std::vector<std::unique_ptr<Tw[]>> open_chunks_;
-  std::vector<uint32_t> open_free_;
-  uint32_t open_used_ = 0;  // slots ever handed out
+  // peaked at three times the live size), references stay valid, and
+  // chunks emptied after a burst go back (checked once a second).
+  ChunkedSlab<Tw> open_;
   size_t open_count_ = 0;
+  uint64_t next_release_ns_ = 0;
   HandleIndex open_by_conn_;
   HandleIndex open_by_tuple_;
   FlatHashMap<TupleKey, Armed, TupleKeyHash> armed_;

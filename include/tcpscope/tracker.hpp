@@ -13,6 +13,7 @@
 
 #include "tcpscope/event.hpp"
 #include "tcpscope/flat_hash_map.hpp"
+#include "tcpscope/slab.hpp"
 
 namespace tcpscope {
 
@@ -128,14 +129,14 @@ class Tracker {
   // Every connection still open (no CLOSE seen), in slot order.
   template <typename Fn>
   void for_each_open(Fn&& fn) const {
-    for (uint32_t i = 0; i < slots_used_; ++i) {
+    for (uint32_t i = 0; i < slab_.used(); ++i) {
       const Connection& c = slot(i);
       if (c.id && !c.is_closed()) fn(c);
     }
   }
   size_t size() const { return index_.size(); }
   // Chunks of connection slots held (memory: kChunk connections each).
-  size_t chunks() const { return chunks_.size(); }
+  size_t chunks() const { return slab_.chunks(); }
   uint64_t evicted() const { return evicted_; }
   uint64_t last_ns() const { return last_ns_; }
 
@@ -155,8 +156,8 @@ class Tracker {
   Connection* lookup(uint64_t id);
   uint32_t slot_of(uint64_t id) const;  // kNoSlot if not tracked
   void forget(uint32_t slot_index);
-  Connection& slot(uint32_t i) { return chunks_[i / kChunk].get()[i % kChunk]; }
-  const Connection& slot(uint32_t i) const { return chunks_[i / kChunk].get()[i % kChunk]; }
+  Connection& slot(uint32_t i) { return slab_[i]; }
+  const Connection& slot(uint32_t i) const { return slab_[i]; }
   // Gives the top chunks back once none of their slots is in use (at most
   // once a second: a count that hovers at a chunk boundary costs little).
   void release_empty_chunks(uint64_t now_ns);
@@ -175,24 +176,13 @@ class Tracker {
 
   TrackerLimits limits_;
   EndFn on_end_;
-  // Connections live in fixed-size chunks, found by cookie through a flat
-  // index: no allocation per connection, and a Connection's address stays
-  // valid while others come and go (a Tracked outlives evictions it causes).
-  static constexpr uint32_t kChunk = 1024;
-  // A chunk is a mapping of its own: zero pages (every slot free, id 0)
-  // until used, and given back whole (malloc would keep a freed block in
-  // its heap, counted in RSS).
-  struct ChunkUnmap {
-    void operator()(Connection* chunk) const;
-  };
-  using Chunk = std::unique_ptr<Connection, ChunkUnmap>;
-  static Chunk map_chunk();
+  // Connections live in a slab, found by cookie through a flat index: no
+  // allocation per connection, and a Connection's address stays valid while
+  // others come and go (a Tracked outlives evictions it causes). Its zero
+  // pages are free slots (id 0).
+  ChunkedSlab<Connection> slab_;
   HandleIndex index_;  // cookie -> slot
-  std::vector<Chunk> chunks_;
-  std::vector<uint16_t> chunk_live_;  // per chunk: slots in use
-  std::vector<uint32_t> free_slots_;
   std::vector<uint32_t> generations_;  // per slot: lifecycles begun or ended
-  uint32_t slots_used_ = 0;            // slots handed out below the top chunk's end
   uint64_t next_release_ns_ = 0;
   std::deque<LifecycleRef> closing_;   // by closed_ns
   std::deque<LifecycleRef> started_;   // by first_ns

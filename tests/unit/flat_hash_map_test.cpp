@@ -1,4 +1,5 @@
 #include "tcpscope/flat_hash_map.hpp"
+#include "tcpscope/slab.hpp"
 
 #include <gtest/gtest.h>
 
@@ -53,6 +54,57 @@ TEST(FlatHashMap, EraseByIteratorAndDefaultInsert) {
   m.erase(it);
   EXPECT_EQ(m.size(), 0u);
   EXPECT_EQ(m.erase(5), 0u);
+}
+
+}  // namespace
+}  // namespace tcpscope
+
+// ---- ChunkedSlab ---------------------------------------------------------------
+
+namespace tcpscope {
+namespace {
+
+struct Rec {
+  uint64_t id;
+  uint32_t n;
+};
+
+TEST(ChunkedSlab, ReusesFreedSlotsAndGivesEmptyTopChunksBack) {
+  ChunkedSlab<Rec, 4> slab;
+  std::vector<uint32_t> got;
+  for (int i = 0; i < 10; ++i) {
+    const uint32_t s = slab.acquire();
+    EXPECT_EQ(slab[s].id, 0u);  // fresh slots are zeros
+    slab[s].id = 100 + i;
+    got.push_back(s);
+  }
+  EXPECT_EQ(got, (std::vector<uint32_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}));
+  EXPECT_EQ(slab.chunks(), 3u);
+  EXPECT_EQ(slab.used(), 10u);
+  // Freed slots come back first, last freed first; records stay put.
+  slab.release(5);
+  EXPECT_EQ(slab.acquire(), 5u);
+  EXPECT_EQ(slab[9].id, 109u);
+  // The top chunk (8, 9) empties: it goes, and so do its free slots.
+  slab.release(8);
+  slab.release(9);
+  slab.release(2);
+  EXPECT_TRUE(slab.release_empty_top());
+  EXPECT_EQ(slab.chunks(), 2u);
+  EXPECT_EQ(slab.used(), 8u);
+  EXPECT_FALSE(slab.release_empty_top());  // chunk 1 still has live slots
+  // Slot 2 is still free; then new slots continue at 8 in a fresh chunk.
+  EXPECT_EQ(slab.acquire(), 2u);
+  EXPECT_EQ(slab.acquire(), 8u);
+  EXPECT_EQ(slab[8].id, 0u);
+  EXPECT_EQ(slab.chunks(), 3u);
+  // The first chunk stays even when empty.
+  slab.clear();
+  EXPECT_EQ(slab.chunks(), 0u);
+  EXPECT_EQ(slab.acquire(), 0u);
+  slab.release(0);
+  EXPECT_FALSE(slab.release_empty_top());
+  EXPECT_EQ(slab.chunks(), 1u);
 }
 
 }  // namespace
