@@ -30,7 +30,7 @@ class KernelFeatures {
   bool io_tracepoints(); // sock_send_length/sock_recv_length (6.3)
   bool reset_reason();   // enum sk_rst_reason in tcp_send_reset (6.10)
   bool bpf_stats();      // kernel.bpf_stats_enabled sysctl exists
-  bool iter_tcp();       // iter/tcp BPF iterator (5.9): tw sweep, snapshot
+  bool iter_tcp();       // iter/tcp BPF iterator (5.9): tw sweep, snapshot, audit
   bool tw_timers();      // timer tracepoints + tw_timer_handler in kallsyms
 
   // True if the kernel has tracepoint NAME (BTF typedef btf_trace_NAME).
