@@ -244,6 +244,7 @@ void RetransmitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
 
 void LostAnalyzer::on_event(const Tracked& t, NoticeOut&) {
   if (t.ev->type == TCPSCOPE_EV_VANISHED && t.conn) ++vanished_;
+  if (t.gap) ++gaps_;
   if (t.ev->type != TCPSCOPE_EV_LOST) return;
   lost_ += t.ev->conn;
   skipped_ += std::min(t.ev->aux, t.ev->conn);  // a capture may say otherwise
@@ -253,6 +254,7 @@ void LostAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
   w.member("lost_events", lost_);
   w.member("lost_kernel_skipped", skipped_);
   w.member("lost_vanished", vanished_);
+  w.member("lost_gaps", gaps_);
 }
 
 void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
@@ -271,6 +273,11 @@ void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
                    "  {} connections vanished: gone from the kernel's socket table at an audit, "
                    "their last events never seen\n",
                    vanished_);
+  if (gaps_)
+    fmt::format_to(o,
+                   "  {} transitions from another state than the last one seen: those between "
+                   "were lost\n",
+                   gaps_);
 }
 
 }  // namespace tcpscope

@@ -252,6 +252,9 @@ Tracked Tracker::apply(const Event& ev) {
       // The state left is timed only if we saw it entered.
       if (!fresh && c->history_len > 0 && c->state == ev.old_state)
         out.prev_state_ns = static_cast<int64_t>(ev.ts_ns - c->state_since_ns);
+      // The kernel reports every transition, so a connection leaves the
+      // state it last entered; if not, transitions in between were lost.
+      out.gap = !fresh && c->state != 0 && c->state != ev.old_state;
       record_state(*c, ev.new_state, ev.ts_ns);
       if (ev.new_state == kTcpClose && !c->is_closed()) {
         c->closed_ns = ev.ts_ns;

@@ -94,6 +94,9 @@ class LostAnalyzer final : public Analyzer {
   // events are not in lost_ (how many, and whether a skipped run was one
   // of them, is unknown).
   uint64_t vanished_ = 0;
+  // Transitions that came from another state than the last one seen: the
+  // ones between were lost (at least one each; not in lost_ either).
+  uint64_t gaps_ = 0;
 };
 
 }  // namespace tcpscope

@@ -99,6 +99,8 @@ struct Tracked {
                                      // reset for a socket never seen)
   int64_t prev_state_ns = -1;        // time spent in the state just left
                                      // (-1 if its entry was not seen)
+  bool gap = false;  // a transition from a state other than the one last
+                     // seen: those between were lost
 };
 
 struct TrackerLimits {

@@ -114,7 +114,7 @@ TEST_F(AuditTest, EndsTheRingDroppedAreReportedVanished) {
   constexpr int kPairs = 100;
   NetNs ns;
   Tracer tracer;
-  tracer.allow_vanished();
+  tracer.allow_lost_transitions();
   ASSERT_TRUE(tracer.start(ns, {"--audit-interval", "0.2", "--ring-size", "8K", "--no-tw-timers",
                                 "--tw-sweep-interval", "0"}))
       << tracer.diagnostics();

@@ -697,6 +697,7 @@ void Tracer::reader() {
         const std::string type = j.value("type", "");
         if (type == "lost") g_counted_losses += j.value("count", uint64_t{1});
         else if (type == "vanished") g_counted_losses += 1;
+        else if (type == "report") g_counted_losses += j.value("lost_gaps", uint64_t{0});
         lines_.push_back(std::move(j));
       }
       partial.erase(0, start);
@@ -733,11 +734,16 @@ int Tracer::stop(Millis timeout) {
   if (pid_ <= 0 || reaped_) return exit_status_;
   ::kill(pid_, SIGINT);
   finish_process(wait_pid_bounded(pid_, timeout));
-  // A vanished connection is one whose end the trace lost: no test expects
-  // one unless it says so (the failure is then retried, as a loss).
-  if (!allow_vanished_) {
+  // A vanished connection, or a gap in one, is a loss nothing else
+  // counted: no test expects one unless it says so (the failure is then
+  // retried, as a loss).
+  if (!allow_lost_transitions_) {
     const auto gone = events("vanished");
-    if (!gone.empty()) ADD_FAILURE() << gone.size() << " vanished connections, first: " << gone[0].dump();
+    if (!gone.empty())
+      ADD_FAILURE() << gone.size() << " vanished connections, first: " << gone[0].dump();
+    const auto reports = events("report");
+    if (!reports.empty() && reports.back().value("lost_gaps", uint64_t{0}) > 0)
+      ADD_FAILURE() << "transitions from unseen states: " << reports.back().dump();
   }
   return exit_status_;
 }

@@ -311,6 +311,22 @@ TEST(Audit, FindsOnlySettledOpenConnectionsMissingFromThePass) {
   EXPECT_EQ(out[0].conn, 702u);
 }
 
+// A transition from a state other than the one last seen means those in
+// between were lost: flagged. First events and reopenings are not gaps.
+TEST(Tracker, TransitionFromAnotherStateIsAGap) {
+  Recorder r;
+  auto gap = [&](const Event& e) { return r.apply(e).gap; };
+  EXPECT_FALSE(gap(State(ms(1), 620, kTcpClose, kTcpSynSent)));
+  EXPECT_FALSE(gap(State(ms(2), 620, kTcpSynSent, kTcpEstablished)));
+  // ESTABLISHED -> CLOSE_WAIT was lost.
+  EXPECT_TRUE(gap(State(ms(3), 620, kTcpCloseWait, kTcpLastAck)));
+  EXPECT_FALSE(gap(State(ms(4), 620, kTcpLastAck, kTcpClose)));
+  EXPECT_FALSE(gap(State(ms(5), 620, kTcpClose, kTcpSynSent)));  // connect() again
+  EXPECT_FALSE(gap(State(ms(6), 621, kTcpEstablished, kTcpFinWait1)));  // seen mid-life
+  EXPECT_FALSE(gap(Retransmit(ms(7), 622, kTcpEstablished, 0x18, 100)));
+  EXPECT_TRUE(gap(State(ms(8), 622, kTcpFinWait2, kTcpClose)));  // its FIN_WAIT1 lost
+}
+
 TEST(Tracker, CloseWithUnreadDataIsAborted) {
   Recorder r;
   r.run({
