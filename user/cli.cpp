@@ -240,7 +240,8 @@ Result<Options> parse_command_line(int argc, char** argv) {
   if (tw_sweep_s > 0 && tw_sweep_s < 0.01)
     return Error{"--tw-sweep-interval: use 0 (off) or at least 0.01 s", 2};
   o.trace.tw_sweep_ms = static_cast<uint32_t>(tw_sweep_s * 1000);
-  if (audit_s > 0 && audit_s < 0.1) return Error{"--audit-interval: use 0 (off) or at least 0.1 s", 2};
+  if (audit_s > 0 && audit_s < 0.1)
+    return Error{"--audit-interval: use 0 (off) or at least 0.1 s", 2};
   o.trace.audit_ms = static_cast<uint32_t>(audit_s * 1000);
   o.trace.close_wait_threshold_ns = static_cast<uint64_t>(close_wait_s * 1e9);
   return o;

@@ -369,6 +369,9 @@ TEST_F(CaptureKernel, UsageAndCorruptCaptureErrors) {
   EXPECT_NE(r.err.find("needs --ring"), std::string::npos) << r.err;
   r = run_cmd({binary(), "report", dir.file("x"), "--port", "80"});
   EXPECT_EQ(r.status, 2);
+  r = run_cmd({binary(), "--audit-interval", "0.05"});
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err, "tcpscope: --audit-interval: use 0 (off) or at least 0.1 s\n");
   r = run_cmd({binary(), "report", dir.file("missing")});
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("No such file"), std::string::npos) << r.err;
