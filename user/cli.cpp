@@ -88,8 +88,9 @@ Result<Options> parse_command_line(int argc, char** argv) {
   app.add_option("--audit-interval", audit_s,
                  "Seconds between audits of the connections held open against the kernel's "
                  "socket table (iter/tcp, the traced namespace only): one gone without its "
-                 "CLOSE is reported as vanished, its last events lost. 0 = off (default 5; "
-                 "needs a live report: trace, or record --json)")
+                 "CLOSE is reported as vanished, its last events lost. 0 = off (default 5, "
+                 "longer if a pass would cost over 1% of a CPU; needs a live report: trace, or "
+                 "record --json)")
       ->check(CLI::Range(0.0, 3600.0));
   bool no_tw_timers = false;
   app.add_flag("--no-tw-timers", no_tw_timers,
