@@ -642,6 +642,11 @@ static __always_inline int retransmit__handle(const struct sock *sk,
 		e.tcp_flags = BPF_CORE_READ_BITFIELD_PROBED(cb, tcp_flags);
 		e.seg_len = end_seq - seq -
 			    !!(e.tcp_flags & (TCPSCOPE_TCP_SYN | TCPSCOPE_TCP_FIN));
+		/* The kernel's own count (tp->total_retrans, segments) and
+		 * this skb's segments: a jump larger than these says
+		 * retransmit events of this socket were lost. */
+		e.aux = (__u64)BPF_CORE_READ(cb, tcp_gso_segs) << 32 |
+			BPF_CORE_READ((const struct tcp_sock *)sk, total_retrans);
 	}
 	if (cfg_cgroup)
 		e.cgroup = sock__cgroup_id(sk);

@@ -485,6 +485,8 @@ void JsonLinesSink::on_event(const Tracked& t) {
       w.member("flags", tcp_flags_text(e.tcp_flags, fbuf));
       w.member("bytes", static_cast<unsigned>(e.seg_len));
       if (t.conn) w.member("count", static_cast<unsigned>(t.conn->retransmits));
+      // The kernel's count for the socket, segments (ss: retrans:N/total).
+      w.member("total_retrans", static_cast<unsigned>(e.aux & 0xffffffffu));
       break;
     case TCPSCOPE_EV_RESET_SENT:
       w.member("state", (e.sk_flags & TCPSCOPE_SK_NO_SOCKET) ? std::string_view("NONE")

@@ -275,8 +275,8 @@ void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
                    vanished_);
   if (gaps_)
     fmt::format_to(o,
-                   "  {} transitions from another state than the last one seen: those between "
-                   "were lost\n",
+                   "  {} transitions from another state than the last one seen, or retransmits "
+                   "past the kernel's count: those between were lost\n",
                    gaps_);
 }
 

@@ -264,17 +264,28 @@ Tracked Tracker::apply(const Event& ev) {
       }
       break;
     }
-    case TCPSCOPE_EV_RETRANSMIT:
+    case TCPSCOPE_EV_RETRANSMIT: {
       ++c->retransmits;
+      // The kernel counts the socket's retransmitted segments, this skb's
+      // included: a jump beyond its segments means retransmits we lost.
+      // The count starts at 0 for a connection seen from its start.
+      const auto total = static_cast<uint32_t>(ev.aux);
+      const auto segs = static_cast<uint32_t>(ev.aux >> 32);
+      if (total && segs) {
+        const bool known = c->retrans_total || (!fresh && c->open_kind != OpenKind::Unknown);
+        out.gap = known && total - c->retrans_total > segs;
+        c->retrans_total = total;
+      }
       break;
+    }
     case TCPSCOPE_EV_RESET_SENT:
-      ++c->resets_sent;
+      if (c->resets_sent != UINT16_MAX) ++c->resets_sent;
       c->last_reset_reason = ev.reason;
       c->last_reset_flags = ev.tcp_flags;
       c->last_reset_sent_ns = ev.ts_ns;
       break;
     case TCPSCOPE_EV_RESET_RECEIVED:
-      ++c->resets_received;
+      if (c->resets_received != UINT16_MAX) ++c->resets_received;
       c->last_reset_received_ns = ev.ts_ns;
       break;
     default:

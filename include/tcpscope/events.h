@@ -20,7 +20,9 @@
 /* What happened. Values are part of the capture format: never renumber. */
 enum tcpscope_event_type {
 	TCPSCOPE_EV_STATE = 1,		/* inet_sock_set_state on a TCP socket */
-	TCPSCOPE_EV_RETRANSMIT = 2,	/* tcp_retransmit_skb */
+	TCPSCOPE_EV_RETRANSMIT = 2,	/* tcp_retransmit_skb; aux = the skb's
+					   segments << 32 | the socket's
+					   total_retrans (0: unknown) */
 	TCPSCOPE_EV_RESET_SENT = 3,	/* tcp_send_reset (sk may be gone) */
 	TCPSCOPE_EV_RESET_RECEIVED = 4, /* tcp_receive_reset */
 	/* The timer of a timewait sock (timer tracepoints, filtered on

@@ -54,7 +54,8 @@ struct Connection {
   uint64_t closed_ns = 0;     // transition to CLOSE, 0 while open
   uint64_t last_reset_sent_ns = 0, last_reset_received_ns = 0;
   uint32_t visited = 0;       // bit (1 << state) for every state entered
-  uint32_t resets_sent = 0, resets_received = 0;
+  uint16_t resets_sent = 0, resets_received = 0;  // saturating
+  uint32_t retrans_total = 0;  // the kernel's total_retrans at the last retransmit
   uint8_t state = 0;          // current kernel state (0 = not known yet)
   uint8_t close_from = 0;     // state left for CLOSE
   OpenKind open_kind = OpenKind::Unknown;

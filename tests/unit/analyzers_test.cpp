@@ -279,8 +279,8 @@ TEST(LostAnalyzer, CountsGaps) {
   EXPECT_EQ(json_of(a),
             R"({"lost_events":0,"lost_kernel_skipped":0,"lost_vanished":0,"lost_gaps":1})");
   EXPECT_EQ(text_of(a),
-            "\nLost events: 0\n  1 transitions from another state than the last one seen: "
-            "those between were lost\n");
+            "\nLost events: 0\n  1 transitions from another state than the last one seen, or "
+            "retransmits past the kernel's count: those between were lost\n");
 }
 
 // A capture is untrusted: a record claiming more skipped runs than it lost

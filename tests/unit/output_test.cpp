@@ -389,7 +389,7 @@ TEST(JsonLinesSink, Lines) {
   EXPECT_EQ(j[2]["pid"], 42);  // the owner stays with the connection
   EXPECT_EQ(j[2]["comm"], "curl");
 
-  EXPECT_EQ(keys_of(j[3]), with({"state", "flags", "bytes", "count", "owner", "rx_queue"}));
+  EXPECT_EQ(keys_of(j[3]), with({"state", "flags", "bytes", "count", "total_retrans", "owner", "rx_queue"}));
   EXPECT_EQ(j[3]["type"], "retransmit");
   EXPECT_EQ(j[3]["time"], "1970-01-01T00:00:00.120000000Z");
   EXPECT_EQ(j[3]["state"], "ESTABLISHED");

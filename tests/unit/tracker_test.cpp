@@ -327,6 +327,27 @@ TEST(Tracker, TransitionFromAnotherStateIsAGap) {
   EXPECT_TRUE(gap(State(ms(8), 622, kTcpFinWait2, kTcpClose)));  // its FIN_WAIT1 lost
 }
 
+// Retransmits carry the kernel's total_retrans (this skb's segments
+// included): a jump beyond the skb's segments says some were lost.
+TEST(Tracker, RetransmitCountJumpIsAGap) {
+  Recorder r;
+  auto rtx = [](uint64_t ts, uint64_t conn, uint32_t total, uint32_t segs) {
+    return Retransmit(ts, conn, kTcpEstablished, 0x18, 100).aux(uint64_t{segs} << 32 | total);
+  };
+  r.run({State(ms(1), 630, kTcpClose, kTcpSynSent), State(ms(2), 630, kTcpSynSent, kTcpEstablished)});
+  EXPECT_FALSE(r.apply(rtx(ms(3), 630, 1, 1)).gap);
+  EXPECT_FALSE(r.apply(rtx(ms(4), 630, 4, 3)).gap);  // a 3-segment skb
+  EXPECT_TRUE(r.apply(rtx(ms(5), 630, 6, 1)).gap);   // total 5 was not seen
+  EXPECT_FALSE(r.apply(rtx(ms(6), 630, 0, 0)).gap);  // unknown: no judgement
+  EXPECT_EQ(r.tracker.find(630)->retransmits, 4u);
+  // Seen from its start, its first one must be its first segments.
+  r.run({State(ms(7), 631, kTcpListen, kTcpSynRecv)});
+  EXPECT_TRUE(r.apply(rtx(ms(8), 631, 2, 1)).gap);
+  // Seen mid-life: its count so far is unknown.
+  EXPECT_FALSE(r.apply(rtx(ms(9), 632, 7, 1)).gap);
+  EXPECT_FALSE(r.apply(rtx(ms(10), 632, 8, 1)).gap);
+}
+
 TEST(Tracker, CloseWithUnreadDataIsAborted) {
   Recorder r;
   r.run({
