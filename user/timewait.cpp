@@ -219,10 +219,7 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
   if (first_ns_ == 0 && e.type != TCPSCOPE_EV_CONFIG) first_ns_ = e.ts_ns;
   expire_pending(e.ts_ns, out);
   settle_unarmed(e.ts_ns, out);
-  if (e.ts_ns >= next_release_ns_) {
-    next_release_ns_ = e.ts_ns + 1'000'000'000;
-    open_.release_empty_top();
-  }
+  open_.release_empty_top_at(e.ts_ns);
   switch (e.type) {
     case TCPSCOPE_EV_CONFIG:
       port_lo_ = static_cast<uint16_t>(e.reason);

@@ -114,12 +114,6 @@ void Tracker::forget(uint32_t slot_index) {
   c.id = 0;
 }
 
-void Tracker::release_empty_chunks(uint64_t now_ns) {
-  if (now_ns < next_release_ns_) return;
-  next_release_ns_ = now_ns + 1'000'000'000;
-  slab_.release_empty_top();
-}
-
 uint32_t Tracker::start(const Event& ev, uint32_t existing) {
   uint32_t i = existing;
   if (existing != kNoSlot) {
@@ -167,7 +161,7 @@ Tracked Tracker::apply(const Event& ev) {
   out.ev = &ev;
   if (ev.ts_ns > last_ns_) last_ns_ = ev.ts_ns;
   expire(ev.ts_ns);
-  release_empty_chunks(ev.ts_ns);
+  slab_.release_empty_top_at(ev.ts_ns);  // chunks a burst left empty go back
 
   if (ev.type == TCPSCOPE_EV_END) {
     finish(ev.ts_ns);

@@ -65,6 +65,13 @@ class ChunkedSlab {
     std::erase_if(free_, [end](uint32_t i) { return i >= end; });
     return true;
   }
+  // release_empty_top() at most once a second of now_ns: a count that
+  // hovers at a chunk boundary then costs little.
+  void release_empty_top_at(uint64_t now_ns) {
+    if (now_ns < next_release_ns_) return;
+    next_release_ns_ = now_ns + 1'000'000'000;
+    release_empty_top();
+  }
   void clear() {
     chunks_.clear();
     live_.clear();
@@ -88,6 +95,7 @@ class ChunkedSlab {
   std::vector<uint16_t> live_;  // per chunk: slots in use
   std::vector<uint32_t> free_;
   uint32_t used_ = 0;
+  uint64_t next_release_ns_ = 0;
 };
 
 }  // namespace tcpscope

@@ -247,10 +247,9 @@ class TimeWaitAnalyzer final : public Analyzer {
   // table holding the records was the consumer's costliest cache misses).
   // Fixed-size chunks: growth never copies live records (a doubling vector
   // peaked at three times the live size), references stay valid, and
-  // chunks emptied after a burst go back (checked once a second).
+  // chunks emptied after a burst go back.
   ChunkedSlab<Tw> open_;
   size_t open_count_ = 0;
-  uint64_t next_release_ns_ = 0;
   HandleIndex open_by_conn_;
   HandleIndex open_by_tuple_;
   FlatHashMap<TupleKey, Armed, TupleKeyHash> armed_;

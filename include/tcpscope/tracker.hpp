@@ -161,9 +161,6 @@ class Tracker {
   void forget(uint32_t slot_index);
   Connection& slot(uint32_t i) { return slab_[i]; }
   const Connection& slot(uint32_t i) const { return slab_[i]; }
-  // Gives the top chunks back once none of their slots is in use (at most
-  // once a second: a count that hovers at a chunk boundary costs little).
-  void release_empty_chunks(uint64_t now_ns);
 
   // A lifecycle in a queue: stale once its slot's generation moved on (the
   // connection ended or started again), told without a hash lookup.
@@ -186,7 +183,6 @@ class Tracker {
   ChunkedSlab<Connection> slab_;
   HandleIndex index_;  // cookie -> slot
   std::vector<uint32_t> generations_;  // per slot: lifecycles begun or ended
-  uint64_t next_release_ns_ = 0;
   std::deque<LifecycleRef> closing_;   // by closed_ns
   std::deque<LifecycleRef> started_;   // by first_ns
   uint64_t evicted_ = 0;

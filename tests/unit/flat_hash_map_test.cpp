@@ -107,5 +107,18 @@ TEST(ChunkedSlab, ReusesFreedSlotsAndGivesEmptyTopChunksBack) {
   EXPECT_EQ(slab.chunks(), 1u);
 }
 
+// Checked at most once a second of the time given: the chunk emptied just
+// after a check waits for the next one.
+TEST(ChunkedSlab, ReleaseAtMostOnceASecond) {
+  ChunkedSlab<Rec, 4> slab;
+  for (int i = 0; i < 8; ++i) slab.acquire();
+  slab.release_empty_top_at(1'000'000'000);  // nothing empty yet
+  for (uint32_t i = 4; i < 8; ++i) slab.release(i);
+  slab.release_empty_top_at(1'500'000'000);
+  EXPECT_EQ(slab.chunks(), 2u);
+  slab.release_empty_top_at(2'000'000'000);
+  EXPECT_EQ(slab.chunks(), 1u);
+}
+
 }  // namespace
 }  // namespace tcpscope
