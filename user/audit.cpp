@@ -1,7 +1,8 @@
 #include "tcpscope/audit.hpp"
 
 #include <algorithm>
-#include <cstring>
+
+#include "tcpscope/timewait.hpp"
 
 namespace tcpscope {
 
@@ -18,12 +19,7 @@ void find_vanished(const Tracker& tracker, std::span<const uint64_t> present, ui
     v.type = TCPSCOPE_EV_VANISHED;
     v.ts_ns = pass_start_ns;
     v.conn = c.id;
-    v.netns = c.netns;
-    v.family = c.family;
-    v.lport = c.lport;
-    v.rport = c.rport;
-    std::memcpy(v.laddr, c.laddr.data(), sizeof(v.laddr));
-    std::memcpy(v.raddr, c.raddr.data(), sizeof(v.raddr));
+    TupleKey::of(c).into(v);
     v.old_state = c.state;
     v.aux = c.state_since_ns;
     out.push_back(v);

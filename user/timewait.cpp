@@ -40,6 +40,15 @@ TupleKey tuple_of(const Record& r) {
 TupleKey TupleKey::of(const Event& e) { return tuple_of(e); }
 TupleKey TupleKey::of(const SockRecord& r) { return tuple_of(r); }
 
+void TupleKey::into(Event& e) const {
+  e.netns = netns;
+  e.family = family;
+  e.lport = lport;
+  e.rport = rport;
+  std::memcpy(e.laddr, laddr.data(), sizeof e.laddr);
+  std::memcpy(e.raddr, raddr.data(), sizeof e.raddr);
+}
+
 Connection describe_connection(const TupleKey& k, uint64_t conn, uint32_t pid,
                                const std::array<char, 16>& comm) {
   Connection c;
@@ -117,14 +126,7 @@ void TimeWaitSweep::settle(uint64_t seen_before_ns, const Emit& emit) {
     if (r.is_new && initial_ && !report_new_initial_) continue;
     Event e = record_of(r.conn, k);
     e.type = TCPSCOPE_EV_TW_SEEN;
-    if (r.is_new) {
-      e.netns = r.tuple.netns;
-      e.family = r.tuple.family;
-      e.lport = r.tuple.lport;
-      e.rport = r.tuple.rport;
-      std::memcpy(e.laddr, r.tuple.laddr.data(), sizeof e.laddr);
-      std::memcpy(e.raddr, r.tuple.raddr.data(), sizeof e.raddr);
-    }
+    if (r.is_new) r.tuple.into(e);
     if (initial_) e.sk_flags |= TCPSCOPE_SK_SNAPSHOT;
     emit(e);
   }

@@ -35,6 +35,8 @@ struct TupleKey {
   static TupleKey of(const Connection& c);
   static TupleKey of(const Event& e);
   static TupleKey of(const SockRecord& r);
+  // Writes the tuple into an event's fields (the inverse of of(Event)).
+  void into(Event& e) const;
 };
 struct TupleKeyHash {
   size_t operator()(const TupleKey& k) const;
