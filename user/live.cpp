@@ -313,13 +313,12 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       audited_ && cfg_.audit_ms > 0 && tracer.has_sock_iter() && !cfg_.filters.pid;
   // The namespace iter/tcp walks: --netns given as a path, else our own.
   const uint32_t audit_netns = cfg_.netns_path.empty() ? own_netns_inode() : cfg_.filters.netns;
-  std::vector<uint64_t> present;
-  std::vector<Event> vanished;
   uint64_t next_audit = start_ns_ + static_cast<uint64_t>(cfg_.audit_ms) * 1'000'000;
   auto run_audit = [&] {
     tracer.consume();
     const uint64_t t0 = boottime_now_ns();
-    present.clear();
+    // 8 bytes a socket of the namespace, for the pass only: not kept.
+    std::vector<uint64_t> present;
     auto got = tracer.read_sockets(
         TCPSCOPE_ITER_AUDIT, [&present](const SockRecord& r) { present.push_back(r.conn); },
         [] {});
@@ -329,9 +328,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     }
     tracer.consume();  // a socket gone during the pass: its CLOSE is in by now
     std::sort(present.begin(), present.end());
-    vanished.clear();
+    std::vector<Event> vanished;
     find_vanished(*audited_, present, audit_netns, t0, vanished);
-    std::vector<uint64_t>().swap(present);  // 8 bytes a socket: not kept between passes
     for (const Event& v : vanished) feed(v);
   };
 

@@ -1,9 +1,7 @@
 #include "tcpscope/tracker.hpp"
 
-
 #include <algorithm>
 #include <cstring>
-#include <new>
 
 namespace tcpscope {
 
