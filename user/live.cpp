@@ -5,7 +5,6 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fcntl.h>
@@ -58,12 +57,6 @@ class SignalFd {
  private:
   int fd_ = -1;
 };
-
-// The inode of tcpscope's own network namespace, 0 if unknown.
-uint32_t own_netns_inode() {
-  struct stat st {};
-  return stat("/proc/self/ns/net", &st) == 0 ? static_cast<uint32_t>(st.st_ino) : 0;
-}
 
 // The local port range of the traced namespace (a per-netns sysctl).
 std::pair<uint16_t, uint16_t> read_port_range(const std::string& netns_path) {
@@ -312,7 +305,11 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   const bool auditing =
       audited_ && cfg_.audit_ms > 0 && tracer.has_sock_iter() && !cfg_.filters.pid;
   // The namespace iter/tcp walks: --netns given as a path, else our own.
-  const uint32_t audit_netns = cfg_.netns_path.empty() ? own_netns_inode() : cfg_.filters.netns;
+  uint32_t audit_netns = cfg_.filters.netns;
+  if (cfg_.netns_path.empty()) {
+    const auto own = resolve_netns("/proc/self/ns/net");
+    audit_netns = own ? own.value() : 0;  // 0: no connection matches, none is judged
+  }
   uint64_t next_audit = start_ns_ + static_cast<uint64_t>(cfg_.audit_ms) * 1'000'000;
   auto run_audit = [&] {
     tracer.consume();
