@@ -264,6 +264,12 @@ int LiveSession::run(double duration_s, const Consumer& consume,
         e.sk_flags = TCPSCOPE_SK_SNAPSHOT;
         feed(e);
       }
+      // From here on every socket is either known or new: one first seen
+      // mid-life lost its opening events (the tracker counts a gap).
+      Event end{};
+      end.type = TCPSCOPE_EV_SNAPSHOT_END;
+      end.ts_ns = boottime_now_ns();
+      consume(end);
     }
   }
 

@@ -183,6 +183,10 @@ Tracked Tracker::apply(const Event& ev) {
     out.conn = &c;
     return out;
   }
+  if (ev.type == TCPSCOPE_EV_SNAPSHOT_END) {
+    snapshot_end_ns_ = ev.ts_ns;
+    return out;
+  }
   // An audit found the socket gone, its CLOSE never seen: it ends now.
   if (ev.type == TCPSCOPE_EV_VANISHED) {
     const uint32_t i = slot_of(ev.conn);
@@ -219,6 +223,7 @@ Tracked Tracker::apply(const Event& ev) {
       // The state left is known only for a connection we saw start.
       if (c->open_kind != OpenKind::Unknown || reopens)
         record_state(*c, ev.old_state, ev.ts_ns);
+      out.gap = lost_opening(ev);
     } else {
       // Its state is known, not when it was entered: no history entry.
       c->state = ev.old_state;
@@ -246,7 +251,7 @@ Tracked Tracker::apply(const Event& ev) {
         out.prev_state_ns = static_cast<int64_t>(ev.ts_ns - c->state_since_ns);
       // The kernel reports every transition, so a connection leaves the
       // state it last entered; if not, transitions in between were lost.
-      out.gap = !fresh && c->state != 0 && c->state != ev.old_state;
+      if (!fresh && c->state != 0 && c->state != ev.old_state) out.gap = true;
       record_state(*c, ev.new_state, ev.ts_ns);
       if (ev.new_state == kTcpClose && !c->is_closed()) {
         c->closed_ns = ev.ts_ns;
@@ -285,6 +290,17 @@ Tracked Tracker::apply(const Event& ev) {
   }
   out.conn = c;
   return out;
+}
+
+bool Tracker::lost_opening(const Event& ev) const {
+  // Only after the snapshot (an event stamped before its end may have been
+  // read after it) and while no open connection was evicted: an evicted
+  // one comes back mid-life.
+  if (!snapshot_end_ns_ || ev.ts_ns <= snapshot_end_ns_ || evicted_) return false;
+  // A socket starts in CLOSE; an accepted child is cloned from its listener
+  // (LISTEN -> SYN_RECV, or from the request sock).
+  return ev.old_state != kTcpClose && ev.old_state != kTcpListen &&
+         ev.old_state != kTcpNewSynRecv;
 }
 
 void Tracker::finalize(Connection& c) {

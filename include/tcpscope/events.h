@@ -134,6 +134,14 @@ enum tcpscope_event_type {
 				     connection's; old_state = the last
 				     state seen; aux = when it was entered
 				     (boot ns) */
+	TCPSCOPE_EV_SNAPSHOT_END = 29, /* the start-up snapshot is complete
+				     (after its SNAPSHOT records and the
+				     events read during its pass): a socket
+				     first seen after this, not in it, was
+				     born after it, so its first transition
+				     leaves CLOSE (or LISTEN, for an accepted
+				     child); one leaving another state lost
+				     its first events. ts_ns = its end */
 	TCPSCOPE_EV_STATS = 32,	   /* tcpscope's own overhead, once at the end
 				     of a live trace (before END), so that
 				     `report` of a capture prints what live

@@ -101,7 +101,9 @@ struct Tracked {
   int64_t prev_state_ns = -1;        // time spent in the state just left
                                      // (-1 if its entry was not seen)
   bool gap = false;  // a transition from a state other than the one last
-                     // seen: those between were lost
+                     // seen, or the first one seen of a socket born after
+                     // the start-up snapshot leaves neither CLOSE nor
+                     // LISTEN: those before were lost
 };
 
 struct TrackerLimits {
@@ -152,6 +154,8 @@ class Tracker {
   // final) or, if kNoSlot, in a new slot, which it returns.
   uint32_t start(const Event& ev, uint32_t existing);
   void record_state(Connection& c, uint8_t state, uint64_t ts);
+  // ev, the first event seen of its socket, says its opening ones were lost.
+  bool lost_opening(const Event& ev) const;
   void expire(uint64_t now_ns);
   void finalize(Connection& c);
   void enforce_cap();
@@ -187,6 +191,9 @@ class Tracker {
   std::deque<LifecycleRef> started_;   // by first_ns
   uint64_t evicted_ = 0;
   uint64_t last_ns_ = 0;
+  // When the start-up snapshot ended (TCPSCOPE_EV_SNAPSHOT_END), 0 before
+  // or without one: a socket first seen by a later event was born after it.
+  uint64_t snapshot_end_ns_ = 0;
 };
 
 }  // namespace tcpscope

@@ -327,6 +327,41 @@ TEST(Tracker, TransitionFromAnotherStateIsAGap) {
   EXPECT_TRUE(gap(State(ms(8), 622, kTcpFinWait2, kTcpClose)));  // its FIN_WAIT1 lost
 }
 
+// Once the start-up snapshot is complete, every socket is either in it or
+// born after it: a socket first seen leaving a state other than CLOSE or
+// LISTEN lost its opening events. Before the snapshot ends (and for an event
+// stamped before its end, read late) such a first sighting is a socket that
+// predates the trace.
+TEST(Tracker, FirstSeenMidLifeAfterTheSnapshotIsAGap) {
+  Recorder r;
+  auto gap = [&](const Event& e) { return r.apply(e).gap; };
+  EXPECT_FALSE(gap(State(ms(1), 640, kTcpEstablished, kTcpFinWait1)));  // predates us
+  EXPECT_FALSE(gap(Ev(TCPSCOPE_EV_SNAPSHOT, ms(2), 641).states(kTcpEstablished, kTcpEstablished)));
+  EXPECT_FALSE(gap(Ev(TCPSCOPE_EV_SNAPSHOT_END, ms(3), 0)));
+  EXPECT_FALSE(gap(State(ms(2), 642, kTcpSynSent, kTcpEstablished)));  // stamped before the end
+  EXPECT_FALSE(gap(State(ms(4), 641, kTcpEstablished, kTcpCloseWait)));  // in the snapshot
+  EXPECT_FALSE(gap(State(ms(5), 643, kTcpClose, kTcpSynSent)));
+  EXPECT_FALSE(gap(State(ms(6), 644, kTcpListen, kTcpSynRecv)));      // an accepted child
+  EXPECT_FALSE(gap(State(ms(7), 645, kTcpNewSynRecv, kTcpSynRecv)));
+  EXPECT_FALSE(gap(State(ms(8), 646, kTcpClose, kTcpListen)));
+  EXPECT_TRUE(gap(State(ms(9), 647, kTcpSynSent, kTcpEstablished)));  // its CLOSE -> SYN_SENT lost
+  EXPECT_TRUE(gap(State(ms(10), 648, kTcpFinWait1, kTcpFinWait2)));
+  EXPECT_FALSE(gap(State(ms(11), 647, kTcpEstablished, kTcpFinWait1)));  // known by now
+  // Resets and retransmits are not judged: a request sock sends some too.
+  EXPECT_FALSE(gap(ResetSent(ms(12), 649, kTcpSynRecv, kRstTcpState)));
+  EXPECT_EQ(r.tracker.find(647)->open_kind, OpenKind::Unknown);
+}
+
+// An open connection evicted by the cap comes back mid-life: after an
+// eviction, first sightings are no longer judged.
+TEST(Tracker, FirstSeenMidLifeIsNotJudgedAfterAnEviction) {
+  Recorder r(TrackerLimits{.close_grace_ns = ms(1), .max_connections = 2});
+  r.run({Ev(TCPSCOPE_EV_SNAPSHOT_END, ms(1), 0), State(ms(2), 650, kTcpClose, kTcpSynSent),
+         State(ms(3), 651, kTcpClose, kTcpSynSent), State(ms(4), 652, kTcpClose, kTcpSynSent)});
+  ASSERT_EQ(r.tracker.evicted(), 1u);
+  EXPECT_FALSE(r.apply(State(ms(5), 650, kTcpSynSent, kTcpEstablished)).gap);
+}
+
 // Retransmits carry the kernel's total_retrans (this skb's segments
 // included): a jump beyond the skb's segments says some were lost.
 TEST(Tracker, RetransmitCountJumpIsAGap) {
