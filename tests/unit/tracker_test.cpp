@@ -469,7 +469,7 @@ TEST(Tracker, RetransmitsAreCountedNotTransitions) {
 // ---- reuse, grace, finish --------------------------------------------------
 
 TEST(Tracker, CookieReuseWithinGraceEndsFirstLifecycle) {
-  Recorder r;
+  Recorder r(TrackerLimits{.close_grace_ns = ms(1000)});
   r.run({State(ms(10), 909, kTcpClose, kTcpSynSent),
          State(ms(20), 909, kTcpSynSent, kTcpClose)});
   EXPECT_TRUE(r.ended.empty());
