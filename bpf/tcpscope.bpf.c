@@ -465,7 +465,8 @@ static __always_inline void sock__read_queues(const struct sock *sk,
 		e->sk_flags |= TCPSCOPE_SK_SEND_SHUTDOWN;
 }
 
-static __always_inline void ringbuf__emit(struct tcpscope_event *e)
+/* False if the ring buffer was full (counted: the record is lost). */
+static __always_inline bool ringbuf__emit(struct tcpscope_event *e)
 {
 	__u64 flags = 0;
 
@@ -485,8 +486,11 @@ static __always_inline void ringbuf__emit(struct tcpscope_event *e)
 			flags = BPF_RB_FORCE_WAKEUP;
 		}
 	}
-	if (bpf_ringbuf_output(&events, e, sizeof(*e), flags))
+	if (bpf_ringbuf_output(&events, e, sizeof(*e), flags)) {
 		drops__inc(TCPSCOPE_DROP_RINGBUF);
+		return false;
+	}
+	return true;
 }
 
 static __always_inline bool sock__is_tcp(const struct sock *sk, bool btf)
@@ -774,7 +778,8 @@ static __always_inline int send_reset__handle(const struct sock *sk,
 	e.sk = (__u64)sk;
 	if (skb)
 		skb__read_segment(skb, &e);
-	ringbuf__emit(&e);
+	if (!ringbuf__emit(&e))
+		drops__inc(TCPSCOPE_DROP_RESET_RINGBUF);
 	return 0;
 }
 

@@ -26,4 +26,46 @@ void find_vanished(const Tracker& tracker, std::span<const uint64_t> present, ui
   });
 }
 
+std::optional<uint64_t> parse_tcp_out_rsts(std::string_view snmp) {
+  // Two "Tcp:" lines: the field names, then their values.
+  auto next_line = [&snmp](std::string_view& line) {
+    if (snmp.empty()) return false;
+    const size_t nl = snmp.find('\n');
+    line = snmp.substr(0, nl);
+    snmp = nl == std::string_view::npos ? std::string_view{} : snmp.substr(nl + 1);
+    return true;
+  };
+  auto fields = [](std::string_view line) {
+    std::vector<std::string_view> out;
+    while (!line.empty()) {
+      const size_t start = line.find_first_not_of(' ');
+      if (start == std::string_view::npos) break;
+      line.remove_prefix(start);
+      const size_t end = line.find(' ');
+      out.push_back(line.substr(0, end));
+      line = end == std::string_view::npos ? std::string_view{} : line.substr(end);
+    }
+    return out;
+  };
+  std::string_view line;
+  while (next_line(line)) {
+    if (!line.starts_with("Tcp: ")) continue;
+    const auto names = fields(line);
+    std::string_view values_line;
+    if (!next_line(values_line) || !values_line.starts_with("Tcp: ")) return std::nullopt;
+    const auto values = fields(values_line);
+    for (size_t i = 1; i < names.size() && i < values.size(); ++i) {
+      if (names[i] != "OutRsts") continue;
+      uint64_t v = 0;
+      for (const char ch : values[i]) {
+        if (ch < '0' || ch > '9') return std::nullopt;
+        v = v * 10 + static_cast<uint64_t>(ch - '0');
+      }
+      return values[i].empty() ? std::nullopt : std::optional<uint64_t>(v);
+    }
+    return std::nullopt;
+  }
+  return std::nullopt;
+}
+
 }  // namespace tcpscope

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <thread>
 #include <unordered_set>
 #include <cstring>
@@ -70,6 +71,25 @@ std::pair<uint16_t, uint16_t> read_port_range(const std::string& netns_path) {
   };
   run_in_netns(netns_path, read);
   return range;
+}
+
+// The namespace's count of resets sent (TcpOutRsts), read inside it.
+std::optional<uint64_t> read_out_rsts(const std::string& netns_path) {
+  std::optional<uint64_t> count;
+  auto read_count = [&count] {
+    // thread-self: run_in_netns moves one thread, /proc/self/net would
+    // show the main thread's namespace.
+    const int fd = open("/proc/thread-self/net/snmp", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    char buf[8192];
+    size_t len = 0;
+    for (ssize_t n; len < sizeof(buf) && (n = read(fd, buf + len, sizeof(buf) - len)) > 0;)
+      len += static_cast<size_t>(n);
+    close(fd);
+    count = parse_tcp_out_rsts(std::string_view(buf, len));
+  };
+  if (run_in_netns(netns_path, read_count) != 0) return std::nullopt;
+  return count;
 }
 
 // tcpscope's own cost so far: BPF run time, CPU time, peak RSS.
@@ -157,9 +177,33 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   // Sockets with events while the start-up snapshot is taken: their own
   // events describe them (set only during the snapshot).
   std::unordered_set<uint64_t>* seen_at_snapshot = nullptr;
-  const Consumer feed = [&holders, &consume, &seen_at_snapshot](const Event& e) {
+  // Resets sent in the namespace against the kernel's count: only where no
+  // filter but the namespace's drops records, and where the count is read.
+  const Filters& f = cfg_.filters;
+  uint32_t own_netns = f.netns;  // the namespace audited and counted
+  if (cfg_.netns_path.empty()) {
+    const auto own = resolve_netns("/proc/self/ns/net");
+    own_netns = own ? own.value() : 0;
+  }
+  std::optional<ResetCountCheck> resets;
+  if (cfg_.audit_ms > 0 && own_netns && (!f.netns || f.netns == own_netns) && !f.port &&
+      !f.lport && !f.rport && !f.family && !f.pid && !f.cgroup_id) {
+    if (const auto base = read_out_rsts(cfg_.netns_path)) resets.emplace(*base);
+  }
+  const Consumer feed = [&holders, &consume, &seen_at_snapshot, &resets,
+                         own_netns](const Event& e) {
     if (seen_at_snapshot && e.conn) seen_at_snapshot->insert(e.conn);
+    if (e.type == TCPSCOPE_EV_RESET_SENT && resets && e.netns == own_netns) resets->seen();
     holders.observe(e);
+    consume(e);
+  };
+  auto report_missing_resets = [&consume](uint64_t missing, uint64_t now) {
+    if (!missing) return;
+    Event e{};
+    e.type = TCPSCOPE_EV_LOST;
+    e.ts_ns = now;
+    e.conn = e.aux = missing;
+    e.reason = TCPSCOPE_EV_RESET_SENT;
     consume(e);
   };
   tracer.on_event(feed);
@@ -310,13 +354,11 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   // connection handed to another process leaves the trace: not audited.
   const bool auditing =
       audited_ && cfg_.audit_ms > 0 && tracer.has_sock_iter() && !cfg_.filters.pid;
-  // The namespace iter/tcp walks: --netns given as a path, else our own.
-  uint32_t audit_netns = cfg_.filters.netns;
-  if (cfg_.netns_path.empty()) {
-    const auto own = resolve_netns("/proc/self/ns/net");
-    audit_netns = own ? own.value() : 0;  // 0: no connection matches, none is judged
-  }
+  // The namespace iter/tcp walks: --netns given as a path, else our own
+  // (0 if unknown: no connection matches, none is judged).
+  const uint32_t audit_netns = own_netns;
   uint64_t next_audit = start_ns_ + static_cast<uint64_t>(cfg_.audit_ms) * 1'000'000;
+  uint64_t next_reset_check = next_audit;
   auto run_audit = [&] {
     tracer.consume();
     const uint64_t t0 = boottime_now_ns();
@@ -377,6 +419,12 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       next_audit = done + std::max<uint64_t>(static_cast<uint64_t>(cfg_.audit_ms) * 1'000'000,
                                              (done - now) * 100);
     }
+    if (resets && now >= next_reset_check) {
+      const auto count = read_out_rsts(cfg_.netns_path);
+      tracer.consume();
+      if (count) report_missing_resets(resets->judge(*count, tracer.lost_resets_counted()), now);
+      next_reset_check = now + static_cast<uint64_t>(cfg_.audit_ms) * 1'000'000;
+    }
     if (holders.tracking() || holders.busy()) holders.step(now, read_close_wait, feed);
     if (now >= next_tick) {
       Event tick{};
@@ -400,10 +448,20 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   tracer.consume();
   if (sweeping && rc == 0) run_sweep(false);  // what ended since the last pass
   if (auditing && rc == 0) run_audit();
+  if (resets && rc == 0) {
+    // A reset is counted a little before its record is made: wait a while.
+    const auto count = read_out_rsts(cfg_.netns_path);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    tracer.consume();
+    if (count)
+      report_missing_resets(resets->judge_final(*count, tracer.lost_resets_counted()),
+                            boottime_now_ns());
+  }
   const uint64_t end_ns = boottime_now_ns();
   check_lost(end_ns);
   // Our own overhead, as a record: a capture's report shows it too.
-  const Event stats = overhead_record(tracer, end_ns, reported_lost);
+  const Event stats =
+      overhead_record(tracer, end_ns, reported_lost + (resets ? resets->missing() : 0));
   consume(stats);
   if (cfg_.print_stats) print_overhead(stats);
   Event end{};

@@ -465,6 +465,8 @@ void JsonLinesSink::on_event(const Tracked& t) {
   if (e.type == TCPSCOPE_EV_LOST) {
     w.member("count", e.conn);
     w.member("kernel_skipped", e.aux);
+    // Found by the kernel's own count of resets sent, not by our counters.
+    if (e.reason == TCPSCOPE_EV_RESET_SENT) w.member("missing", "reset_sent");
     w.end_object();
     out_.buf().push_back('\n');
     out_.maybe_flush();
@@ -657,6 +659,8 @@ void TableSink::on_event(const Tracked& t) {
       if (skipped < e.conn) fmt::format_to(o, "{} ring buffer full", e.conn - skipped);
       if (skipped && skipped < e.conn) fmt::format_to(o, ", ");
       if (skipped) fmt::format_to(o, "{} program runs the kernel skipped", skipped);
+      if (e.reason == TCPSCOPE_EV_RESET_SENT)
+        fmt::format_to(o, ": resets the kernel counted as sent (TcpOutRsts), never traced");
       fmt::format_to(o, ")\n");
     }
       break;

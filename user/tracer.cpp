@@ -238,6 +238,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     t->prog_fds_.push_back(bpf_program__fd(p));
   }
   for (bpf_program* p : lossy) t->lossy_prog_fds_.push_back(bpf_program__fd(p));
+  t->send_reset_fd_ = bpf_program__fd(set.send_reset);
 
   if (with_iter) {
     bpf_link* link = bpf_program__attach_iter(s->progs.sock_iter, nullptr);
@@ -442,6 +443,13 @@ BpfRunStats BpfTracer::run_stats() const {
     s.run_ns += info.run_time_ns;
   });
   return s;
+}
+
+uint64_t BpfTracer::lost_resets_counted() const {
+  uint64_t missed = 0;
+  for_each_prog_info({send_reset_fd_},
+                     [&missed](const bpf_prog_info& info) { missed += info.recursion_misses; });
+  return missed + drops(TCPSCOPE_DROP_RESET_RINGBUF);
 }
 
 uint64_t BpfTracer::skipped_runs() const {

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "tcpscope/event.hpp"
@@ -27,5 +29,48 @@ inline constexpr uint64_t kAuditSettledNs = 500'000'000;
 // that left the table during it has its CLOSE in the tracker by then.
 void find_vanished(const Tracker& tracker, std::span<const uint64_t> present, uint32_t netns,
                    uint64_t pass_start_ns, std::vector<Event>& out);
+
+// Every reset the kernel sends passes the tcp_send_reset tracepoint and is
+// counted in its namespace's TcpOutRsts (/proc/net/snmp): fewer RESET_SENT
+// records from the namespace than the counter grew by are resets the trace
+// lost without knowing it (the kernel did not run our program). Only
+// meaningful when no filter other than the namespace drops records.
+class ResetCountCheck {
+ public:
+  // `base`: the counter read once the programs were attached (resets just
+  // before may then be seen, never the other way round).
+  explicit ResetCountCheck(uint64_t base) : base_(base), previous_(base) {}
+  void seen() { ++seen_; }
+  // A later reading of the counter, the ring drained after it; `known_lost`:
+  // reset records already counted lost (ring full, skipped runs), read
+  // after the drain. Judged is the previous reading: a reset is counted a
+  // little before its record is made (tcp_send_active_reset), so the latest
+  // may be ahead. Returns the resets newly found missing.
+  uint64_t judge(uint64_t count, uint64_t known_lost) {
+    const uint64_t judged = previous_;
+    previous_ = count;
+    return judge_against(judged, known_lost);
+  }
+  // The last reading, taken a while before the final drain.
+  uint64_t judge_final(uint64_t count, uint64_t known_lost) {
+    return judge_against(count, known_lost);
+  }
+  uint64_t missing() const { return reported_; }
+
+ private:
+  uint64_t judge_against(uint64_t count, uint64_t known_lost) {
+    const uint64_t sent = count > base_ ? count - base_ : 0;
+    const uint64_t accounted = seen_ + known_lost;
+    const uint64_t missing = sent > accounted ? sent - accounted : 0;
+    if (missing <= reported_) return 0;
+    const uint64_t fresh = missing - reported_;
+    reported_ = missing;
+    return fresh;
+  }
+  uint64_t base_, previous_, seen_ = 0, reported_ = 0;
+};
+
+// TcpOutRsts from the text of /proc/net/snmp; nullopt if absent.
+std::optional<uint64_t> parse_tcp_out_rsts(std::string_view snmp);
 
 }  // namespace tcpscope

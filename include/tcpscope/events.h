@@ -41,7 +41,11 @@ enum tcpscope_event_type {
 	TCPSCOPE_EV_LOST = 16,	/* conn = events lost since the last one;
 				   aux = how many of them are runs of our
 				   programs the kernel skipped (recursion),
-				   the rest found the ring buffer full */
+				   the rest found the ring buffer full;
+				   reason = TCPSCOPE_EV_RESET_SENT: resets
+				   the kernel counted in the namespace
+				   (TcpOutRsts) that never reached us
+				   (aux = conn: its skipped runs) */
 	TCPSCOPE_EV_END = 17,	/* end of the trace (ts_ns = stop time) */
 	/* From the iter/tcp sweep of timewait socks (the state tracepoint
 	 * never shows TIME_WAIT). conn is the tw sock's; the first TW_SEEN
@@ -232,7 +236,12 @@ enum tcpscope_drop_kind {
 				      nested twin because the kernel skipped
 				      the main program (its recursion misses
 				      less these were lost) */
-	TCPSCOPE_DROP_MAX = 3,
+	TCPSCOPE_DROP_RESET_RINGBUF = 3, /* not a drop of its own: the
+					    RESET_SENT records among
+					    TCPSCOPE_DROP_RINGBUF (user space
+					    compares resets seen with the
+					    kernel's count) */
+	TCPSCOPE_DROP_MAX = 4,
 };
 
 /* Tracepoints whose main program has a nested twin (key of "nest_busy"). */

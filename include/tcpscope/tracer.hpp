@@ -126,6 +126,9 @@ class BpfTracer {
   // hits the same tracepoint is not re-entered) and no twin did instead.
   // Counted whether or not the BPF statistics are on.
   uint64_t skipped_runs() const;
+  // Resets sent whose record is known lost (ring buffer full, or a run of
+  // the tcp_send_reset program the kernel skipped), in every namespace.
+  uint64_t lost_resets_counted() const;
   // Records the ring buffer delivered with a size other than Event's.
   uint64_t malformed() const { return malformed_; }
   // Records delivered by the ring buffer so far.
@@ -174,6 +177,7 @@ class BpfTracer {
   uint64_t events_ = 0;
   std::vector<int> prog_fds_;  // attached programs (owned by skel_)
   std::vector<int> lossy_prog_fds_;  // those whose skipped runs lose events
+  int send_reset_fd_ = -1;
   std::unique_ptr<BpfStatsGuard> stats_;
   bool stats_wanted_ = false;     // --no-bpf-stats not given
   bool stats_sampled_ = false;    // they were on at some point

@@ -196,6 +196,10 @@ TEST_F(AuditTest, EndsTheRingDroppedAreReportedVanished) {
   EXPECT_TRUE(gone == vanished.size() || gone == vanished.size() + 1) << report.dump();
   EXPECT_EQ(report.at("connections").at("by_close").value("vanished", size_t{0}), vanished.size())
       << report.dump();
+  // The aborts' resets the ring dropped are ring-full losses, not found
+  // missing again by the comparison with the kernel's count of resets.
+  for (const auto& j : tracer.lines())
+    EXPECT_FALSE(j.value("type", "") == "lost" && j.contains("missing")) << j.dump();
 }
 
 }  // namespace

@@ -311,6 +311,43 @@ TEST(Audit, FindsOnlySettledOpenConnectionsMissingFromThePass) {
   EXPECT_EQ(out[0].conn, 702u);
 }
 
+TEST(Audit, ParsesTcpOutRstsFromSnmp) {
+  const std::string snmp =
+      "Ip: Forwarding DefaultTTL InReceives\n"
+      "Ip: 1 64 3000\n"
+      "Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails "
+      "EstabResets CurrEstab InSegs OutSegs RetransSegs InErrs OutRsts InCsumErrors\n"
+      "Tcp: 1 200 120000 -1 51 10 4 0 0 965 704 0 0 1234567 0\n"
+      "Udp: InDatagrams NoPorts\n"
+      "Udp: 5 6\n";
+  EXPECT_EQ(parse_tcp_out_rsts(snmp), std::optional<uint64_t>(1234567));
+  EXPECT_EQ(parse_tcp_out_rsts("Tcp: RtoAlgorithm OutRsts\nTcp: 1\n"), std::nullopt);
+  EXPECT_EQ(parse_tcp_out_rsts("Tcp: RtoAlgorithm OutRsts\nTcp: 1 x2\n"), std::nullopt);
+  EXPECT_EQ(parse_tcp_out_rsts("Tcp: RtoAlgorithm InErrs\nTcp: 1 2\n"), std::nullopt);
+  EXPECT_EQ(parse_tcp_out_rsts("Tcp: OutRsts\n"), std::nullopt);
+  EXPECT_EQ(parse_tcp_out_rsts(""), std::nullopt);
+}
+
+// Resets the kernel counted that were neither seen nor counted lost are
+// reported once; a reading is judged only at the next one (the counter runs
+// a little ahead of the records), except the final one.
+TEST(Audit, ResetCountCheckReportsWhatTheKernelCountedAndNoRecordSaid) {
+  ResetCountCheck check(100);
+  for (int i = 0; i < 5; ++i) check.seen();
+  EXPECT_EQ(check.judge(107, 0), 0u);  // judges the base: nothing sent yet
+  EXPECT_EQ(check.judge(110, 1), 1u);  // 7 sent, 5 seen, 1 lost in the ring
+  EXPECT_EQ(check.judge(110, 1), 3u);  // 10 sent: 4 unaccounted in all
+  EXPECT_EQ(check.judge(110, 1), 0u);  // already said
+  for (int i = 0; i < 3; ++i) check.seen();
+  EXPECT_EQ(check.judge_final(112, 1), 0u);  // 12 sent, 8 seen, 1 lost: 3 < 4
+  EXPECT_EQ(check.judge_final(115, 1), 2u);  // 6 unaccounted
+  EXPECT_EQ(check.missing(), 6u);
+  // More seen than counted (resets just before the base reading): nothing.
+  ResetCountCheck early(50);
+  for (int i = 0; i < 3; ++i) early.seen();
+  EXPECT_EQ(early.judge_final(51, 0), 0u);
+}
+
 // A transition from a state other than the one last seen means those in
 // between were lost: flagged. First events and reopenings are not gaps.
 TEST(Tracker, TransitionFromAnotherStateIsAGap) {
