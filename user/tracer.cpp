@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -23,7 +24,6 @@ namespace tcpscope {
 
 void SkelDeleter::operator()(tcpscope_bpf* s) const { tcpscope_bpf__destroy(s); }
 void LinkDeleter::operator()(bpf_link* l) const { bpf_link__destroy(l); }
-void RingDeleter::operator()(ring_buffer* r) const { ring_buffer__free(r); }
 
 namespace {
 
@@ -250,8 +250,9 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   }
 
   // 5. ring buffer consumer
-  t->ring_.reset(ring_buffer__new(bpf_map__fd(s->maps.events), &BpfTracer::handle, t.get(), nullptr));
-  if (!t->ring_) return Error{"cannot set up the ring buffer consumer: " + errno_text(errno)};
+  auto ring = RingReader::open(bpf_map__fd(s->maps.events), bpf_map__max_entries(s->maps.events));
+  if (!ring) return Error{"cannot set up the ring buffer consumer: " + ring.error().message};
+  t->ring_ = std::move(ring.value());
   return t;
 }
 
@@ -301,25 +302,16 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
   return last;
 }
 
-int BpfTracer::handle(void* ctx, void* data, size_t size) {
+void BpfTracer::handle(void* ctx, const void* data, size_t size) {
   auto* self = static_cast<BpfTracer*>(ctx);
   if (size != sizeof(Event)) {
     ++self->malformed_;
-    return 0;
+    return;
   }
   ++self->events_;
   if (self->stats_) ++self->sampled_events_;
   // Ring buffer records are 8-byte aligned: the cast is safe.
   self->on_event_(*static_cast<const Event*>(data));
-  return 0;
-}
-
-int BpfTracer::poll(int timeout_ms) {
-  const int n = ring_buffer__poll(ring_.get(), timeout_ms);
-  if (n < 0 && n != -EINTR) return n;
-  // Producers wake us only past a threshold: drain what sits below it.
-  const int m = ring_buffer__consume(ring_.get());
-  return (n > 0 ? n : 0) + (m > 0 ? m : 0);
 }
 
 Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out) {
@@ -361,7 +353,7 @@ Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,
     }
     count += whole;
     if (between_reads) {
-      ring_buffer__consume(ring_.get());
+      consume();
       between_reads();
     }
     const size_t rest = have - whole * sizeof(SockRecord);
@@ -462,9 +454,12 @@ uint64_t BpfTracer::skipped_runs() const {
   return missed > done_by_twin ? missed - done_by_twin : 0;
 }
 
-int BpfTracer::epoll_fd() const { return ring_buffer__epoll_fd(ring_.get()); }
+int BpfTracer::epoll_fd() const { return ring_->epoll_fd(); }
 
-int BpfTracer::consume() { return ring_buffer__consume(ring_.get()); }
+int BpfTracer::consume() {
+  const uint64_t n = ring_->drain(&BpfTracer::handle, this);
+  return static_cast<int>(std::min<uint64_t>(n, INT_MAX));
+}
 
 uint64_t BpfTracer::drops(int kind) const {
   std::vector<uint64_t> values(static_cast<size_t>(ncpus_), 0);

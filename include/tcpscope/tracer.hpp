@@ -14,9 +14,9 @@
 #include "tcpscope/event.hpp"
 #include "tcpscope/features.hpp"
 #include "tcpscope/result.hpp"
+#include "tcpscope/ring_reader.hpp"
 
 struct tcpscope_bpf;
-struct ring_buffer;
 struct bpf_link;
 
 namespace tcpscope {
@@ -68,9 +68,6 @@ struct SkelDeleter {
 struct LinkDeleter {
   void operator()(bpf_link* l) const;
 };
-struct RingDeleter {
-  void operator()(ring_buffer* r) const;
-};
 
 // Turns on the kernel's BPF run-time statistics (bpf_prog_info run_cnt and
 // run_time_ns) for as long as it lives: BPF_ENABLE_STATS, whose fd the kernel
@@ -112,12 +109,12 @@ class BpfTracer {
   // Failed attempts before the one that worked: "tp_btf: <reason>".
   const std::vector<std::string>& fallbacks() const { return fallbacks_; }
 
-  // Sets where events go; must be called before poll().
+  // Sets where events go; must be called before consume().
   void on_event(EventFn fn) { on_event_ = std::move(fn); }
-  // Waits up to timeout_ms for a wake-up, then drains everything queued.
-  // Returns events consumed, or -errno.
-  int poll(int timeout_ms);
+  // Readable when producers woke the consumer (they batch wake-ups: drain
+  // on a timeout too).
   int epoll_fd() const;
+  // Hands every record queued to the on_event function; returns how many.
   int consume();
   // Kernel drop counters summed over CPUs (enum tcpscope_drop_kind).
   uint64_t drops(int kind) const;
@@ -161,11 +158,11 @@ class BpfTracer {
   BpfTracer() = default;
   static Result<std::unique_ptr<BpfTracer>> try_mode(AttachMode mode, const TraceConfig& cfg,
                                                      KernelFeatures& features, bool with_iter);
-  static int handle(void* ctx, void* data, size_t size);
+  static void handle(void* ctx, const void* data, size_t size);
 
   std::unique_ptr<tcpscope_bpf, SkelDeleter> skel_;
   std::vector<std::unique_ptr<bpf_link, LinkDeleter>> links_;
-  std::unique_ptr<ring_buffer, RingDeleter> ring_;
+  std::unique_ptr<RingReader> ring_;
   std::unique_ptr<bpf_link, LinkDeleter> iter_link_;
   std::vector<char> iter_buf_;
   std::string netns_path_;  // iterators walk this namespace (else ours)
