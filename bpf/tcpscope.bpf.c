@@ -994,12 +994,14 @@ static __always_inline int tw_timer__handle(const struct timer_list *timer,
 					    __u8 type, bool btf)
 {
 	const struct inet_timewait_sock *tw;
-	struct tcpscope_event e = {};
 
 	if (!cfg_tw_timers || !&tw_timer_handler)
 		return 0;
 	if ((__u64)KREAD(btf, timer, function) != (__u64)&tw_timer_handler)
 		return 0;
+	/* Only now: nearly every timer of the host is turned away above. */
+	struct tcpscope_event e = {};
+
 	tw = (const void *)timer -
 	     bpf_core_field_offset(struct inet_timewait_sock, tw_timer);
 	sock__read_tuple((const struct sock *)tw, &e, false);
