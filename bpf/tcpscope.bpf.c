@@ -47,6 +47,10 @@ const volatile __u8 cfg_family = 0; /* 4, 6 or 0 = both */
  * all CPUs together stay well below the ring's capacity; the consumer also
  * drains on a short poll timeout, so latency stays bounded. */
 const volatile __u32 cfg_wakeup_every = 0;
+/* The tracepoint programs are not the BTF-typed ones: they may give a
+ * socket without a cookie a private id (conn__new_id), which iter/tcp must
+ * then report too (iter__conn_id). */
+const volatile bool cfg_private_ids = false;
 
 /* What the kernel side remembers of a socket while it lives. */
 struct sock_info {
@@ -1081,6 +1085,28 @@ int tw_expire_tp(struct trace_event_raw_timer_expire_entry *ctx)
 
 /* ---- iter/tcp: timewait sweep and socket snapshot ------------------------ */
 
+/* The id the tracepoint programs give the socket. With BTF-typed arguments
+ * that is always its cookie. The other flavours cannot make a cookie: a
+ * socket that had none got a private id (conn__new_id), kept in "socks",
+ * and making one here would name it twice. So: the id in "socks" for a
+ * socket we track; else the cookie, made now for a full socket (its next
+ * event reads it), only read for a tw sock (0 if none: the sweep leaves it
+ * to the tw timers, which match it by tuple). */
+static __always_inline __u64 iter__conn_id(struct sock_common *skc, __u8 state)
+{
+	__u64 key = (__u64)skc;
+	struct sock_info *info;
+
+	if (!cfg_private_ids)
+		return bpf_get_socket_cookie(skc);
+	if (state == TCP_TIME_WAIT)
+		return BPF_CORE_READ(skc, skc_cookie.counter);
+	info = bpf_map_lookup_elem(&socks, &key);
+	if (info)
+		return info->conn;
+	return bpf_get_socket_cookie(skc);
+}
+
 /* Set by user space before each pass: enum tcpscope_iter_pass. Only what the
  * pass needs is copied out: a busy host has far more sockets than either. */
 volatile __u32 iter_pass = TCPSCOPE_ITER_TIME_WAIT;
@@ -1128,7 +1154,7 @@ int sock_iter(struct bpf_iter__tcp *ctx)
 		return 0;
 	r.state = state;
 	r.substate = state;
-	r.conn = bpf_get_socket_cookie(skc);
+	r.conn = iter__conn_id(skc, state);
 	r.ts_ns = bpf_ktime_get_boot_ns();
 	if (state == TCP_TIME_WAIT) {
 		struct tcp_timewait_sock *tw = bpf_skc_to_tcp_timewait_sock(skc);

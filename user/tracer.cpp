@@ -179,6 +179,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   s->rodata->cfg_lport = f.lport;
   s->rodata->cfg_rport = f.rport;
   s->rodata->cfg_family = f.family;
+  s->rodata->cfg_private_ids = mode != AttachMode::TpBtf;
   // A wake-up per wakeup_bytes of records (never past an eighth of the
   // ring), counted per CPU (a shared count would bounce between CPUs): all
   // CPUs together queue at most that much before one of them wakes the

@@ -23,16 +23,22 @@ std::string own_comm() {
 struct CloseCase {
   int family;
   bool client_first;
+  // --attach: the fallbacks a kernel without tp_btf (or without raw_tp)
+  // gets, forced here; nullptr: what the feature probes choose.
+  const char* attach = nullptr;
 };
 
 void PrintTo(const CloseCase& c, std::ostream* os) {
   *os << (c.family == AF_INET6 ? "IPv6" : "IPv4")
-      << (c.client_first ? ", client closes first" : ", server closes first");
+      << (c.client_first ? ", client closes first" : ", server closes first")
+      << (c.attach ? std::string(", --attach ") + c.attach : std::string());
 }
 
 std::string case_name(const ::testing::TestParamInfo<CloseCase>& info) {
-  return std::string(info.param.family == AF_INET6 ? "IPv6" : "IPv4") +
-         (info.param.client_first ? "_ClientClosesFirst" : "_ServerClosesFirst");
+  std::string name = std::string(info.param.family == AF_INET6 ? "IPv6" : "IPv4") +
+                     (info.param.client_first ? "_ClientClosesFirst" : "_ServerClosesFirst");
+  if (info.param.attach) name += std::string("_") + info.param.attach;
+  return name;
 }
 
 class CloseTest : public KernelTest, public ::testing::WithParamInterface<CloseCase> {};
@@ -43,9 +49,15 @@ TEST_P(CloseTest, ExactLifecycleOnBothSides) {
   const std::string addr = loopback(family);
   const int jfamily = family == AF_INET6 ? 6 : 4;
 
+  const char* attach = GetParam().attach;
   NetNs ns;
   Tracer tracer;
-  ASSERT_TRUE(tracer.start(ns)) << tracer.diagnostics();
+  std::vector<std::string> args;
+  if (attach) args = {"--attach", attach};
+  ASSERT_TRUE(tracer.start(ns, args)) << tracer.diagnostics();
+  if (attach) {
+    ASSERT_EQ(tracer.start_line().value("attach", ""), attach);
+  }
 
   uint16_t sport = 0, cport = 0;
   {
@@ -155,6 +167,15 @@ INSTANTIATE_TEST_SUITE_P(Loopback, CloseTest,
                          ::testing::Values(CloseCase{AF_INET, true}, CloseCase{AF_INET6, true},
                                            CloseCase{AF_INET, false},
                                            CloseCase{AF_INET6, false}),
+                         case_name);
+// The same lifecycles through the fallback attach flavours, each forced:
+// the programs' untyped reads (bpf_probe_read_kernel) and, for classic
+// tracepoints, the tracepoint's own record of the state change.
+INSTANTIATE_TEST_SUITE_P(Fallback, CloseTest,
+                         ::testing::Values(CloseCase{AF_INET, true, "raw_tp"},
+                                           CloseCase{AF_INET6, false, "raw_tp"},
+                                           CloseCase{AF_INET, true, "tracepoint"},
+                                           CloseCase{AF_INET6, false, "tracepoint"}),
                          case_name);
 
 // SO_LINGER {1, 0} then close on an established client: tcp_disconnect
