@@ -12,7 +12,8 @@ void find_vanished(const Tracker& tracker, std::span<const uint64_t> present, ui
     // A request sock (a reset it sent made the entry) never reports its
     // end: it is no full socket, its state never changes.
     if (c.state == kTcpNewSynRecv || c.state == kTcpTimeWait) return;
-    if (c.netns != netns || (c.id >> 63) || c.state_since_ns + kAuditSettledNs > pass_start_ns ||
+    if (c.netns != netns || (c.id >> 63) ||
+        c.state_since_ns + audit_settle_ns(c.state) > pass_start_ns ||
         std::binary_search(present.begin(), present.end(), c.id))
       return;
     Event v{};

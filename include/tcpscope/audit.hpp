@@ -16,14 +16,28 @@
 
 namespace tcpscope {
 
-// A socket is hashed just after its first transition (connect(), listen()),
-// so a connection must have been in its state this long to be judged.
+// A socket is hashed just after its first transition (connect(): SYN_SENT,
+// listen(): LISTEN, an accepted child: SYN_RECV), so a connection in one of
+// those states must have been in it this long to be judged.
 inline constexpr uint64_t kAuditSettledNs = 500'000'000;
+// In every other state it is in the table from before the transition until
+// it leaves it for CLOSE, whose record the drain after the pass brings in.
+// This covers only a transition in flight during the pass (microseconds),
+// so that the audit at exit judges a connection whose last events came just
+// before it.
+inline constexpr uint64_t kAuditSettledHashedNs = 20'000'000;
+
+// How long a connection must have been in `state` to be judged.
+constexpr uint64_t audit_settle_ns(uint8_t state) {
+  return state == kTcpSynSent || state == kTcpSynRecv || state == kTcpListen
+             ? kAuditSettledNs
+             : kAuditSettledHashedNs;
+}
 
 // Appends a TCPSCOPE_EV_VANISHED record (at pass_start_ns) to `out` for each
 // open connection of namespace `netns` whose cookie is not in `present`
 // (sorted: the cookies the pass, started at pass_start_ns, found) and that
-// has been in its state since kAuditSettledNs before the pass. Connections
+// has been in its state since audit_settle_ns(state) before the pass. Connections
 // of other namespaces, and ids that are not cookies (top bit set), are not
 // judged. The ring buffer must have been drained after the pass: a socket
 // that left the table during it has its CLOSE in the tracker by then.
