@@ -86,6 +86,30 @@ struct {
 	__type(value, struct sock_info);
 } socks SEC(".maps");
 
+/* A connection's tuple, as a map key (zeroed, then filled: no padding left
+ * unset). */
+struct tuple_key {
+	__u32 netns;
+	__u16 lport;
+	__u16 rport;
+	__u8 family;
+	__u8 _pad[7];
+	__u8 laddr[TCPSCOPE_ADDR_LEN];
+	__u8 raddr[TCPSCOPE_ADDR_LEN];
+};
+
+/* With private ids (cfg_private_ids): the id of a connection whose socket
+ * became a timewait sock without a cookie, by tuple. The tw sock inherits
+ * the cookie (none here), so the sweep would have no name for it; written
+ * at FIN_WAIT2/CLOSING -> CLOSE (tcp_time_wait() hashed the tw sock just
+ * before). A later connection on the tuple overwrites it; LRU bounds it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple_key);
+	__type(value, __u64);
+} tw_ids SEC(".maps");
+
 /* Owners of listening sockets, inherited by the children they accept: the
  * handshake completes in softirq, where "current" is unrelated. */
 struct {
@@ -527,6 +551,50 @@ static __always_inline void listener__update(const struct tcpscope_event *e,
 	}
 }
 
+static __always_inline void tuple__key(struct tuple_key *k, __u32 netns,
+				       __u8 family, __u16 lport, __u16 rport,
+				       const __u8 *laddr, const __u8 *raddr)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->netns = netns;
+	k->family = family;
+	k->lport = lport;
+	k->rport = rport;
+	__builtin_memcpy(k->laddr, laddr, TCPSCOPE_ADDR_LEN);
+	__builtin_memcpy(k->raddr, raddr, TCPSCOPE_ADDR_LEN);
+}
+
+/* The connection's socket may have become a tw sock: with a private id, the
+ * id by tuple, for the sweep and the tw timers (its cookie, if another tool
+ * made one, is not the name we gave it); with a cookie, no entry, or an
+ * earlier connection's on the tuple would name it. */
+static __always_inline void tw__remember_id(const struct tcpscope_event *e)
+{
+	struct tuple_key k;
+
+	tuple__key(&k, e->netns, e->family, e->lport, e->rport, e->laddr,
+		   e->raddr);
+	if (!(e->conn >> 63)) {
+		bpf_map_delete_elem(&tw_ids, &k);
+		return;
+	}
+	if (bpf_map_update_elem(&tw_ids, &k, &e->conn, BPF_ANY))
+		drops__inc(TCPSCOPE_DROP_SOCKMAP);
+}
+
+/* With private ids: the id tw__remember_id kept for the tuple, or 0. */
+static __always_inline __u64 tw__id_of(__u32 netns, __u8 family, __u16 lport,
+				       __u16 rport, const __u8 *laddr,
+				       const __u8 *raddr)
+{
+	struct tuple_key k;
+	__u64 *id;
+
+	tuple__key(&k, netns, family, lport, rport, laddr, raddr);
+	id = bpf_map_lookup_elem(&tw_ids, &k);
+	return id ? *id : 0;
+}
+
 /* ---- inet_sock_set_state ---------------------------------------------- */
 
 static __always_inline int set_state__handle(const struct sock *sk,
@@ -558,6 +626,9 @@ static __always_inline int set_state__handle(const struct sock *sk,
 	}
 	if (cfg_cgroup)
 		e.cgroup = sock__cgroup_id(sk);
+	if (cfg_private_ids && newstate == TCP_CLOSE &&
+	    (oldstate == TCP_FIN_WAIT2 || oldstate == TCP_CLOSING))
+		tw__remember_id(&e);
 	if (newstate != TCP_LISTEN && oldstate != TCP_LISTEN)
 		sock__read_queues(sk, &e, btf);
 	ringbuf__emit(&e);
@@ -1013,6 +1084,15 @@ static __always_inline int tw_timer__handle(const struct timer_list *timer,
 		return 0;
 	e.type = type;
 	e.conn = BPF_CORE_READ(tw, __tw_common.skc_cookie.counter);
+	/* Armed before the CLOSE that names it (tw__remember_id): a start
+	 * keeps the cookie, user space pairs it by tuple. */
+	if (cfg_private_ids && type != TCPSCOPE_EV_TW_START) {
+		__u64 id = tw__id_of(e.netns, e.family, e.lport, e.rport,
+				     e.laddr, e.raddr);
+
+		if (id)
+			e.conn = id;
+	}
 	if (cfg_pid || cfg_cgroup) {
 		if (!bpf_map_lookup_elem(&tw_allowed, &e.conn))
 			return 0;
@@ -1089,18 +1169,22 @@ int tw_expire_tp(struct trace_event_raw_timer_expire_entry *ctx)
  * that is always its cookie. The other flavours cannot make a cookie: a
  * socket that had none got a private id (conn__new_id), kept in "socks",
  * and making one here would name it twice. So: the id in "socks" for a
- * socket we track; else the cookie, made now for a full socket (its next
- * event reads it), only read for a tw sock (0 if none: the sweep leaves it
- * to the tw timers, which match it by tuple). */
-static __always_inline __u64 iter__conn_id(struct sock_common *skc, __u8 state)
+ * socket we track; for a tw sock without a cookie, its connection's id by
+ * tuple (tw_ids); else the cookie, made now (a socket we have not seen:
+ * its next event reads it). */
+static __always_inline __u64 iter__conn_id(struct sock_common *skc, __u8 state,
+					   const struct tcpscope_sock_record *r)
 {
-	__u64 key = (__u64)skc;
+	__u64 key = (__u64)skc, id;
 	struct sock_info *info;
 
 	if (!cfg_private_ids)
 		return bpf_get_socket_cookie(skc);
-	if (state == TCP_TIME_WAIT)
-		return BPF_CORE_READ(skc, skc_cookie.counter);
+	if (state == TCP_TIME_WAIT) {
+		id = tw__id_of(r->netns, r->family, r->lport, r->rport, r->laddr,
+			       r->raddr);
+		return id ? id : bpf_get_socket_cookie(skc);
+	}
 	info = bpf_map_lookup_elem(&socks, &key);
 	if (info)
 		return info->conn;
@@ -1154,7 +1238,7 @@ int sock_iter(struct bpf_iter__tcp *ctx)
 		return 0;
 	r.state = state;
 	r.substate = state;
-	r.conn = iter__conn_id(skc, state);
+	r.conn = iter__conn_id(skc, state, &r);
 	r.ts_ns = bpf_ktime_get_boot_ns();
 	if (state == TCP_TIME_WAIT) {
 		struct tcp_timewait_sock *tw = bpf_skc_to_tcp_timewait_sock(skc);

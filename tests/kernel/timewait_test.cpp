@@ -32,14 +32,22 @@
 namespace ktest {
 namespace {
 
-enum class Mode { Timer, Sweep };
+// TIME_WAIT seen by the tw timer probes or by sweeps; and each again with the
+// raw_tp programs forced, whose ids are private where a socket has no
+// cookie (the sweep must name a tw sock as its connection all the same).
+enum class Mode { Timer, Sweep, TimerRawTp, SweepRawTp };
+
+bool timers(Mode m) { return m == Mode::Timer || m == Mode::TimerRawTp; }
 
 std::vector<std::string> mode_args(Mode m) {
-  if (m == Mode::Timer) return {};
-  return {"--no-tw-timers", "--tw-sweep-interval", "0.2"};
+  std::vector<std::string> args;
+  if (!timers(m)) args = {"--no-tw-timers", "--tw-sweep-interval", "0.2"};
+  if (m == Mode::TimerRawTp || m == Mode::SweepRawTp)
+    args.insert(args.end(), {"--attach", "raw_tp"});
+  return args;
 }
 
-const char* mode_name(Mode m) { return m == Mode::Timer ? "timer" : "sweep"; }
+const char* mode_name(Mode m) { return timers(m) ? "timer" : "sweep"; }
 
 constexpr const char* kAddr = "127.0.0.1";
 
@@ -138,7 +146,7 @@ class TimeWaitTest : public KernelTest, public ::testing::WithParamInterface<Mod
     bool timer_progs = false;
     for (const auto& p : tracer.start_line().at("programs"))
       if (p.get<std::string>().rfind("tw_start", 0) == 0) timer_progs = true;
-    ASSERT_EQ(timer_progs, GetParam() == Mode::Timer) << tracer.start_line().dump();
+    ASSERT_EQ(timer_progs, timers(GetParam())) << tracer.start_line().dump();
   }
   // Stops the tracer; checks the report's end method matches the mode.
   json stop(Tracer& tracer) {
@@ -149,7 +157,7 @@ class TimeWaitTest : public KernelTest, public ::testing::WithParamInterface<Mod
     const json& m = report.at("time_wait").at("end_method");
     EXPECT_EQ(m.at("method"), mode_name(GetParam())) << m.dump();
     EXPECT_EQ(m.at("entry"), mode_name(GetParam())) << m.dump();
-    if (GetParam() == Mode::Sweep) {
+    if (!timers(GetParam())) {
       EXPECT_EQ(m.at("sweep_interval_ms"), 200) << m.dump();
       EXPECT_EQ(m.at("max_error_ms"), 100) << m.dump();
     }
@@ -157,7 +165,7 @@ class TimeWaitTest : public KernelTest, public ::testing::WithParamInterface<Mod
     return report;
   }
   // The method a time_wait_end caused by a new connection carries.
-  std::string new_conn_method() const { return GetParam() == Mode::Timer ? "timer" : "event"; }
+  std::string new_conn_method() const { return timers(GetParam()) ? "timer" : "event"; }
   // ... and one with no new connection (reset, expiry).
   std::string own_method() const { return mode_name(GetParam()); }
 };
@@ -711,9 +719,14 @@ TEST_P(TimeWaitTest, SweepSeesEveryTimeWait) {
   expect_ended(t, "expired", 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Modes, TimeWaitTest, ::testing::Values(Mode::Timer, Mode::Sweep),
+INSTANTIATE_TEST_SUITE_P(Modes, TimeWaitTest,
+                         ::testing::Values(Mode::Timer, Mode::Sweep, Mode::TimerRawTp,
+                                           Mode::SweepRawTp),
                          [](const ::testing::TestParamInfo<Mode>& i) {
-                           return std::string(i.param == Mode::Timer ? "Timers" : "Sweeps");
+                           return std::string(timers(i.param) ? "Timers" : "Sweeps") +
+                                  (i.param == Mode::TimerRawTp || i.param == Mode::SweepRawTp
+                                       ? "RawTp"
+                                       : "");
                          });
 
 }  // namespace
