@@ -180,6 +180,11 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   s->rodata->cfg_rport = f.rport;
   s->rodata->cfg_family = f.family;
   s->rodata->cfg_private_ids = mode != AttachMode::TpBtf;
+  // tw_ids serves private ids only: otherwise no room is set aside for it.
+  if (mode == AttachMode::TpBtf) {
+    if (int err = bpf_map__set_max_entries(s->maps.tw_ids, 1))
+      return Error{"tw id table size: " + errno_text(err)};
+  }
   // A wake-up per wakeup_bytes of records (never past an eighth of the
   // ring), counted per CPU (a shared count would bounce between CPUs): all
   // CPUs together queue at most that much before one of them wakes the
