@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <map>
 #include <set>
 #include <utility>
 
@@ -134,6 +135,21 @@ bool wait_settled(const NetNs& ns, size_t tw_count, Millis timeout = 10000ms) {
         return tw == tw_count && other == 0;
       },
       timeout, 10ms);
+}
+
+// Why a namespace did not settle: sockets by state, and the first few that
+// are neither TIME-WAIT nor LISTEN.
+std::string settle_diagnostics(const NetNs& ns) {
+  std::map<std::string, size_t> states;
+  std::string odd;
+  size_t shown = 0;
+  for (const auto& s : ss_sockets(ns)) {
+    ++states[s.state];
+    if (s.state != "TIME-WAIT" && s.state != "LISTEN" && shown++ < 10) odd += s.line + "\n";
+  }
+  std::string out = "sockets by state:";
+  for (const auto& [state, n] : states) out += " " + state + "=" + std::to_string(n);
+  return out + "\n" + odd;
 }
 
 class TimeWaitTest : public KernelTest, public ::testing::WithParamInterface<Mode> {
@@ -702,7 +718,7 @@ TEST_P(TimeWaitTest, SweepSeesEveryTimeWait) {
       const auto cport = static_cast<uint16_t>(kFirstClientPort + i);
       ASSERT_EQ(server_closes_first(lfd.get(), sport, cport), cport) << "connection " << i;
     }
-    ASSERT_TRUE(wait_settled(ns, kN, 20000ms)) << ns.exec({"ss", "-s"}).out;
+    ASSERT_TRUE(wait_settled(ns, kN, 20000ms)) << settle_diagnostics(ns);
   }
   // A sweep after the last one entered: the tracer has them all.
   ASSERT_TRUE(tracer.wait_for(
