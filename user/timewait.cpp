@@ -275,7 +275,7 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
         add_tw(tw, nullptr, out, false);
         return;
       }
-      on_tw_seen(e);
+      on_tw_seen(e, out);
       return;
     case TCPSCOPE_EV_TW_GONE:
       on_tw_gone(e, out);
@@ -566,13 +566,16 @@ void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
   out.notice(n);
 }
 
-void TimeWaitAnalyzer::on_tw_seen(const Event& e) {
+void TimeWaitAnalyzer::on_tw_seen(const Event& e, NoticeOut& out) {
   if (Tw* tw = find(e)) {
     tw->substate = e.new_state;
     if (e.aux) tw->expires_ns = e.aux;
     return;
   }
-  if (!(e.sk_flags & TCPSCOPE_SK_SNAPSHOT)) return;  // not ours (filtered out)
+  if (!(e.sk_flags & TCPSCOPE_SK_SNAPSHOT)) {
+    if (timers_) enter_unarmed(e, out);
+    return;  // else not ours (filtered out)
+  }
   Tw tw;
   tw.conn = e.conn;
   tw.tuple = TupleKey::of(e);
@@ -584,6 +587,46 @@ void TimeWaitAnalyzer::on_tw_seen(const Event& e) {
     void notice(const Notice&) override {}
   } quiet;
   add_tw(tw, nullptr, quiet, true);
+}
+
+bool TimeWaitAnalyzer::enter_unarmed(const Event& e, NoticeOut& out) {
+  if (!e.conn) return false;
+  Tw tw;
+  tw.conn = e.conn;
+  tw.substate = e.new_state;
+  tw.expires_ns = e.aux;
+  const Connection* shown = nullptr;
+  auto it = std::find_if(unarmed_.begin(), unarmed_.end(),
+                         [&e](const Unarmed& u) { return u.conn.id == e.conn; });
+  Unarmed u;
+  if (it != unarmed_.end()) {
+    // Still being decided: it is a TIME_WAIT.
+    u = *it;
+    unarmed_.erase(it);
+    tw.entered_ns = u.close_ns;
+    tw.tuple = TupleKey::of(u.conn);
+    tw.client = u.conn.open_kind == OpenKind::Active ||
+                (u.conn.open_kind == OpenKind::Unknown && is_ephemeral(u.conn.lport));
+    tw.pid = u.conn.pid;
+    tw.comm = u.conn.comm;
+    tw.local_close_ns = u.conn.fin_wait1_ns ? u.conn.fin_wait1_ns : u.close_ns;
+    shown = &u.conn;
+  } else {
+    // Already reported skipped (time_wait_skipped): that was wrong.
+    const TupleKey k = TupleKey::of(e);
+    const FateInfo* f = fate(k);
+    if (!f || f->fate != Fate::Skipped || f->conn != e.conn) return false;
+    if (skipped_) --skipped_;
+    tw.entered_ns = f->ts_ns;
+    tw.tuple = k;
+    tw.client = is_ephemeral(e.lport);
+    tw.local_close_ns = f->ts_ns;
+    set_fate(k, Fate::Open, e.ts_ns, e.conn);
+  }
+  tw.tuple_hash = TupleIndex::hash_of(tw.tuple);
+  ++timer_starts_lost_;
+  add_tw(tw, shown, out, false);
+  return true;
 }
 
 void TimeWaitAnalyzer::on_tw_gone(const Event& e, NoticeOut& out) {
@@ -778,6 +821,7 @@ void TimeWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
     w.member(cause_name(static_cast<EndCause>(i)), ended_[i]);
   w.end_object();
   w.member("skipped", skipped_);
+  w.member("timer_starts_lost", timer_starts_lost_);
   w.member("fin_wait2_timeouts", fin_wait2_timeouts_);
   w.member("open", open_at_end_);
   w.member("preexisting", preexisting_);

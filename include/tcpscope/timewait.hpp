@@ -214,7 +214,10 @@ class TimeWaitAnalyzer final : public Analyzer {
     return open_[i];
   }
   void open_erase(const Tw& tw);
-  void on_tw_seen(const Event& e);
+  void on_tw_seen(const Event& e, NoticeOut& out);
+  // A sweep saw the tw sock of a connection whose CLOSE found no tw timer
+  // armed: the timer's record was lost. Enters it now; true if it was one.
+  bool enter_unarmed(const Event& e, NoticeOut& out);
   void on_tw_gone(const Event& e, NoticeOut& out);
   void on_new_connection(const Tracked& t, NoticeOut& out);
   void on_reset_sent(const Event& e, NoticeOut& out);
@@ -278,6 +281,7 @@ class TimeWaitAnalyzer final : public Analyzer {
 
   LogHistogram duration_us_;
   uint64_t entered_ = 0, skipped_ = 0, fin_wait2_timeouts_ = 0, preexisting_ = 0;
+  uint64_t timer_starts_lost_ = 0;  // tw socks a sweep found, no TW_START seen
   uint64_t peak_ = 0, open_at_end_ = 0;
   std::array<uint64_t, static_cast<int>(EndCause::kCount)> ended_{};
   uint64_t exact_ends_ = 0, sweep_ends_ = 0;

@@ -697,7 +697,11 @@ void Tracer::reader() {
         const std::string type = j.value("type", "");
         if (type == "lost") g_counted_losses += j.value("count", uint64_t{1});
         else if (type == "vanished") g_counted_losses += 1;
-        else if (type == "report") g_counted_losses += j.value("lost_gaps", uint64_t{0});
+        else if (type == "report") {
+          g_counted_losses += j.value("lost_gaps", uint64_t{0});
+          if (j.contains("time_wait"))
+            g_counted_losses += j["time_wait"].value("timer_starts_lost", uint64_t{0});
+        }
         lines_.push_back(std::move(j));
       }
       partial.erase(0, start);

@@ -65,6 +65,7 @@ struct Rig {
     auto tw = std::make_unique<TimeWaitAnalyzer>(10);
     auto rs = std::make_unique<ResetAnalyzer>(tw.get(), 10);
     resets = rs.get();
+    time_wait = tw.get();
     p.add_analyzer(std::move(tw));
     p.add_analyzer(std::move(rs));
     p.add_sink(&sink);
@@ -94,9 +95,19 @@ struct Rig {
     resets->write_text(buf, tf, style);
     return fmt::to_string(buf);
   }
+  json time_wait_report() const {
+    fmt::memory_buffer buf;
+    JsonWriter w(buf);
+    TimeFormatter tf(0);
+    w.begin_object();
+    time_wait->write_json(w, tf);
+    w.end_object();
+    return json::parse(fmt::to_string(buf)).at("time_wait");
+  }
   Pipeline p;
   Collector sink;
   ResetAnalyzer* resets = nullptr;
+  TimeWaitAnalyzer* time_wait = nullptr;
 };
 
 // The client 10.0.0.1:40000 -> 10.0.0.2:80 (conn 1, pid 100 "cli") and the
@@ -160,6 +171,66 @@ json counts(uint64_t sent, json sent_by, uint64_t received, json received_by,
   return json{{"sent", {{"total", sent}, {"by_cause", sent_by}}},
               {"received", {{"total", received}, {"by_cause", received_by}}},
               {"late_fin_dropped", dropped}};
+}
+
+// ---- a tw timer start the kernel never reported ---------------------------------
+
+// The sweep's first sighting of the client's tw sock (its tuple included).
+Ev TwSeen(uint64_t ts) {
+  return Ev(TCPSCOPE_EV_TW_SEEN, ts, 1).states(kTcpTimeWait, kTcpTimeWait).aux(ms(60'011));
+}
+
+// The CLOSE found no timer armed and was taken for an overflow; the sweep
+// then finds the tw sock: it was a TIME_WAIT whose timer record was lost.
+TEST(TimeWaitAnalyzer, SweepFindsTheTwSockOfASkippedTimeWait) {
+  Rig r;
+  client_closes(r);
+  client_skips_tw(r);
+  r.run({TwSeen(ms(500)), End(ms(600))});
+  EXPECT_EQ(r.sink.of("time_wait_skipped").size(), 1u);  // said before the sweep
+  const auto enters = r.sink.of("time_wait_enter");
+  ASSERT_EQ(enters.size(), 1u);
+  EXPECT_EQ(enters[0].conn, 1u);
+  EXPECT_EQ(enters[0].ts_ns, ms(11) + 200);
+  const json t = r.time_wait_report();
+  EXPECT_EQ(t.at("entered"), 1) << t.dump();
+  EXPECT_EQ(t.at("skipped"), 0) << t.dump();
+  EXPECT_EQ(t.at("timer_starts_lost"), 1) << t.dump();
+  EXPECT_EQ(t.at("open"), 1) << t.dump();
+}
+
+// The sighting comes before the CLOSE without timer is decided: no skip is
+// ever said.
+TEST(TimeWaitAnalyzer, SweepFindsTheTwSockBeforeTheSkipIsDecided) {
+  Rig r;
+  client_closes(r);
+  client_skips_tw(r);
+  r.run({TwSeen(ms(11) + 200 + 500'000), End(ms(600))});
+  EXPECT_TRUE(r.sink.of("time_wait_skipped").empty());
+  const auto enters = r.sink.of("time_wait_enter");
+  ASSERT_EQ(enters.size(), 1u);
+  EXPECT_EQ(enters[0].conn, 1u);
+  EXPECT_EQ(enters[0].pid, kClientPid);
+  EXPECT_EQ(enters[0].ts_ns, ms(11) + 200);
+  const json t = r.time_wait_report();
+  EXPECT_EQ(t.at("entered"), 1) << t.dump();
+  EXPECT_EQ(t.at("skipped"), 0) << t.dump();
+  EXPECT_EQ(t.at("timer_starts_lost"), 1) << t.dump();
+}
+
+// A tw sock of another connection on the tuple, or one seen with no skip to
+// undo, is not taken for ours.
+TEST(TimeWaitAnalyzer, SweepSightingOfAStrangerUndoesNoSkip) {
+  Rig r;
+  client_closes(r);
+  client_skips_tw(r);
+  Event other = TwSeen(ms(500));
+  other.conn = 9;
+  r.run({other, End(ms(600))});
+  EXPECT_TRUE(r.sink.of("time_wait_enter").empty());
+  const json t = r.time_wait_report();
+  EXPECT_EQ(t.at("skipped"), 1) << t.dump();
+  EXPECT_EQ(t.at("timer_starts_lost"), 0) << t.dump();
 }
 
 // ---- the seed scenario, both pairing orders ---------------------------------------
