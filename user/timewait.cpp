@@ -918,6 +918,11 @@ void TimeWaitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
   fmt::format_to(o, "\nTIME_WAIT: {} entered, {} still open, peak {}, {} skipped (tw buckets "
                  "full), {} FIN_WAIT2 timeouts\n",
                  entered_, open_at_end_, peak_, skipped_, fin_wait2_timeouts_);
+  if (timer_starts_lost_)
+    fmt::format_to(o,
+                   "  {} tw timer starts never seen: the sweep found their tw socks (no "
+                   "skip)\n",
+                   timer_starts_lost_);
   fmt::format_to(o, "  ended:");
   for (int i = 0; i < static_cast<int>(EndCause::kCount); ++i)
     fmt::format_to(o, " {} {}", cause_name(static_cast<EndCause>(i)), ended_[i]);

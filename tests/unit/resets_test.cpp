@@ -197,6 +197,11 @@ TEST(TimeWaitAnalyzer, SweepFindsTheTwSockOfASkippedTimeWait) {
   EXPECT_EQ(t.at("skipped"), 0) << t.dump();
   EXPECT_EQ(t.at("timer_starts_lost"), 1) << t.dump();
   EXPECT_EQ(t.at("open"), 1) << t.dump();
+  fmt::memory_buffer buf;
+  TimeFormatter tf(0);
+  r.time_wait->write_text(buf, tf, TextStyle{});
+  const std::string text = fmt::to_string(buf);
+  EXPECT_NE(text.find("1 tw timer starts never seen"), std::string::npos) << text;
 }
 
 // The sighting comes before the CLOSE without timer is decided: no skip is
