@@ -180,23 +180,33 @@ Ev TwSeen(uint64_t ts) {
   return Ev(TCPSCOPE_EV_TW_SEEN, ts, 1).states(kTcpTimeWait, kTcpTimeWait).aux(ms(60'011));
 }
 
-// The CLOSE found no timer armed and was taken for an overflow; the sweep
-// then finds the tw sock: it was a TIME_WAIT whose timer record was lost.
-TEST(TimeWaitAnalyzer, SweepFindsTheTwSockOfASkippedTimeWait) {
-  Rig r;
+// The client's CLOSE with no timer armed, then the sweep's sighting at
+// seen_ns: the TIME_WAIT is entered at the CLOSE, its timer start counted
+// lost, no skip left. Returns the time_wait_enter notices.
+std::vector<Collected> tw_seen_after_unarmed_close(Rig& r, uint64_t seen_ns) {
   client_closes(r);
   client_skips_tw(r);
-  r.run({TwSeen(ms(500)), End(ms(600))});
-  EXPECT_EQ(r.sink.of("time_wait_skipped").size(), 1u);  // said before the sweep
+  r.run({TwSeen(seen_ns), End(ms(600))});
   const auto enters = r.sink.of("time_wait_enter");
-  ASSERT_EQ(enters.size(), 1u);
-  EXPECT_EQ(enters[0].conn, 1u);
-  EXPECT_EQ(enters[0].ts_ns, ms(11) + 200);
+  EXPECT_EQ(enters.size(), 1u);
+  for (const auto& e : enters) {
+    EXPECT_EQ(e.conn, 1u);
+    EXPECT_EQ(e.ts_ns, ms(11) + 200);
+  }
   const json t = r.time_wait_report();
   EXPECT_EQ(t.at("entered"), 1) << t.dump();
   EXPECT_EQ(t.at("skipped"), 0) << t.dump();
   EXPECT_EQ(t.at("timer_starts_lost"), 1) << t.dump();
   EXPECT_EQ(t.at("open"), 1) << t.dump();
+  return enters;
+}
+
+// The CLOSE found no timer armed and was taken for an overflow; the sweep
+// then finds the tw sock: it was a TIME_WAIT whose timer record was lost.
+TEST(TimeWaitAnalyzer, SweepFindsTheTwSockOfASkippedTimeWait) {
+  Rig r;
+  tw_seen_after_unarmed_close(r, ms(500));
+  EXPECT_EQ(r.sink.of("time_wait_skipped").size(), 1u);  // said before the sweep
   fmt::memory_buffer buf;
   TimeFormatter tf(0);
   r.time_wait->write_text(buf, tf, TextStyle{});
@@ -208,19 +218,10 @@ TEST(TimeWaitAnalyzer, SweepFindsTheTwSockOfASkippedTimeWait) {
 // ever said.
 TEST(TimeWaitAnalyzer, SweepFindsTheTwSockBeforeTheSkipIsDecided) {
   Rig r;
-  client_closes(r);
-  client_skips_tw(r);
-  r.run({TwSeen(ms(11) + 200 + 500'000), End(ms(600))});
+  const auto enters = tw_seen_after_unarmed_close(r, ms(11) + 200 + 500'000);
   EXPECT_TRUE(r.sink.of("time_wait_skipped").empty());
-  const auto enters = r.sink.of("time_wait_enter");
   ASSERT_EQ(enters.size(), 1u);
-  EXPECT_EQ(enters[0].conn, 1u);
-  EXPECT_EQ(enters[0].pid, kClientPid);
-  EXPECT_EQ(enters[0].ts_ns, ms(11) + 200);
-  const json t = r.time_wait_report();
-  EXPECT_EQ(t.at("entered"), 1) << t.dump();
-  EXPECT_EQ(t.at("skipped"), 0) << t.dump();
-  EXPECT_EQ(t.at("timer_starts_lost"), 1) << t.dump();
+  EXPECT_EQ(enters[0].pid, kClientPid);  // from the connection, still at hand
 }
 
 // A tw sock of another connection on the tuple, or one seen with no skip to
