@@ -1,6 +1,7 @@
 #include "tcpscope/audit.hpp"
 
 #include <algorithm>
+#include <charconv>
 
 #include "tcpscope/timewait.hpp"
 
@@ -57,12 +58,11 @@ std::optional<uint64_t> parse_tcp_out_rsts(std::string_view snmp) {
     const auto values = fields(values_line);
     for (size_t i = 1; i < names.size() && i < values.size(); ++i) {
       if (names[i] != "OutRsts") continue;
+      const char* end = values[i].data() + values[i].size();
       uint64_t v = 0;
-      for (const char ch : values[i]) {
-        if (ch < '0' || ch > '9') return std::nullopt;
-        v = v * 10 + static_cast<uint64_t>(ch - '0');
-      }
-      return values[i].empty() ? std::nullopt : std::optional<uint64_t>(v);
+      const auto [p, ec] = std::from_chars(values[i].data(), end, v);
+      if (ec != std::errc() || p != end) return std::nullopt;
+      return v;
     }
     return std::nullopt;
   }

@@ -22,13 +22,8 @@ HolderResolverConfig HolderResolverConfig::for_threshold(uint64_t threshold_ns) 
   return c;
 }
 
-namespace {
-
-using Fd = UniqueFd;
-
-// Reads up to max bytes of a small /proc file; empty on error.
 std::string read_file(const std::string& path, size_t max) {
-  Fd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
   std::string s;
   if (fd.get() < 0) return s;
   s.resize(max);
@@ -42,6 +37,10 @@ std::string read_file(const std::string& path, size_t max) {
   s.resize(have);
   return s;
 }
+
+namespace {
+
+using Fd = UniqueFd;
 
 bool parse_pid(const char* name, uint32_t& pid) {
   const char* end = name + strlen(name);

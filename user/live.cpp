@@ -79,14 +79,7 @@ std::optional<uint64_t> read_out_rsts(const std::string& netns_path) {
   auto read_count = [&count] {
     // thread-self: run_in_netns moves one thread, /proc/self/net would
     // show the main thread's namespace.
-    const int fd = open("/proc/thread-self/net/snmp", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return;
-    char buf[8192];
-    size_t len = 0;
-    for (ssize_t n; len < sizeof(buf) && (n = read(fd, buf + len, sizeof(buf) - len)) > 0;)
-      len += static_cast<size_t>(n);
-    close(fd);
-    count = parse_tcp_out_rsts(std::string_view(buf, len));
+    count = parse_tcp_out_rsts(read_file("/proc/thread-self/net/snmp", 8192));
   };
   if (run_in_netns(netns_path, read_count) != 0) return std::nullopt;
   return count;

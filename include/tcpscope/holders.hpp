@@ -24,6 +24,9 @@
 
 namespace tcpscope {
 
+// Reads up to max bytes of a small /proc file; empty on error.
+std::string read_file(const std::string& path, size_t max);
+
 struct HolderResolverConfig {
   uint64_t threshold_ns = 60'000'000'000ull;
   // Resolve this long before the threshold, so the notice has its holders.
