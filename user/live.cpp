@@ -395,12 +395,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
         else stop = true;
       }
     }
-    const int consumed = tracer.consume();
-    if (consumed < 0 && consumed != -EINTR) {
-      fmt::print(stderr, "tcpscope: reading the ring buffer: {}\n", std::strerror(-consumed));
-      rc = 1;
-      break;
-    }
+    tracer.consume();
     const uint64_t now = boottime_now_ns();
     if (sweeping && now >= next_sweep) run_sweep(false);
     if (auditing && now >= next_audit) {
