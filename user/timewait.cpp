@@ -468,6 +468,20 @@ void TimeWaitAnalyzer::not_entered(const Connection* c, const TupleKey& tuple, u
   out.notice(n);
 }
 
+TimeWaitAnalyzer::Tw TimeWaitAnalyzer::tw_of(const Connection& c, uint64_t close_ns) const {
+  Tw tw;
+  tw.conn = c.id;
+  tw.entered_ns = close_ns;
+  tw.tuple = TupleKey::of(c);
+  tw.tuple_hash = TupleIndex::hash_of(tw.tuple);
+  tw.client = c.open_kind == OpenKind::Active ||
+              (c.open_kind == OpenKind::Unknown && is_ephemeral(c.lport));
+  tw.pid = c.pid;
+  tw.comm = c.comm;
+  tw.local_close_ns = c.fin_wait1_ns ? c.fin_wait1_ns : close_ns;
+  return tw;
+}
+
 void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
   const Event& e = *t.ev;
   const Connection& c = *t.conn;
@@ -476,17 +490,8 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
   const bool fin_received =
       (e.sk_flags & TCPSCOPE_SK_RCV_SHUTDOWN) || e.old_state == kTcpClosing;
   const bool rst_sent = c.resets_sent > 0 && c.last_reset_sent_ns + 1'000'000 >= e.ts_ns;
-  Tw tw;
-  tw.conn = c.id;
-  tw.entered_ns = e.ts_ns;
-  tw.tuple = TupleKey::of(c);
-  tw.tuple_hash = TupleIndex::hash_of(tw.tuple);
+  Tw tw = tw_of(c, e.ts_ns);
   tw.substate = fin_received ? kTcpTimeWait : kTcpFinWait2;
-  tw.client = c.open_kind == OpenKind::Active ||
-              (c.open_kind == OpenKind::Unknown && is_ephemeral(c.lport));
-  tw.pid = c.pid;
-  tw.comm = c.comm;
-  tw.local_close_ns = c.fin_wait1_ns ? c.fin_wait1_ns : e.ts_ns;
   if (open_find(c.id)) {
     // A sweep saw the tw sock before this CLOSE event was read.
     armed_.erase(tw.tuple, tw.tuple_hash);
@@ -592,9 +597,6 @@ void TimeWaitAnalyzer::on_tw_seen(const Event& e, NoticeOut& out) {
 bool TimeWaitAnalyzer::enter_unarmed(const Event& e, NoticeOut& out) {
   if (!e.conn) return false;
   Tw tw;
-  tw.conn = e.conn;
-  tw.substate = e.new_state;
-  tw.expires_ns = e.aux;
   const Connection* shown = nullptr;
   auto it = std::find_if(unarmed_.begin(), unarmed_.end(),
                          [&e](const Unarmed& u) { return u.conn.id == e.conn; });
@@ -603,13 +605,7 @@ bool TimeWaitAnalyzer::enter_unarmed(const Event& e, NoticeOut& out) {
     // Still being decided: it is a TIME_WAIT.
     u = *it;
     unarmed_.erase(it);
-    tw.entered_ns = u.close_ns;
-    tw.tuple = TupleKey::of(u.conn);
-    tw.client = u.conn.open_kind == OpenKind::Active ||
-                (u.conn.open_kind == OpenKind::Unknown && is_ephemeral(u.conn.lport));
-    tw.pid = u.conn.pid;
-    tw.comm = u.conn.comm;
-    tw.local_close_ns = u.conn.fin_wait1_ns ? u.conn.fin_wait1_ns : u.close_ns;
+    tw = tw_of(u.conn, u.close_ns);
     shown = &u.conn;
   } else {
     // Already reported skipped (time_wait_skipped): that was wrong.
@@ -617,13 +613,16 @@ bool TimeWaitAnalyzer::enter_unarmed(const Event& e, NoticeOut& out) {
     const FateInfo* f = fate(k);
     if (!f || f->fate != Fate::Skipped || f->conn != e.conn) return false;
     if (skipped_) --skipped_;
+    tw.conn = e.conn;
     tw.entered_ns = f->ts_ns;
     tw.tuple = k;
+    tw.tuple_hash = TupleIndex::hash_of(k);
     tw.client = is_ephemeral(e.lport);
     tw.local_close_ns = f->ts_ns;
     set_fate(k, Fate::Open, e.ts_ns, e.conn);
   }
-  tw.tuple_hash = TupleIndex::hash_of(tw.tuple);
+  tw.substate = e.new_state;
+  tw.expires_ns = e.aux;
   ++timer_starts_lost_;
   add_tw(tw, shown, out, false);
   return true;

@@ -188,6 +188,9 @@ class TimeWaitAnalyzer final : public Analyzer {
 
   void set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, uint64_t conn,
                 const Tw* tw = nullptr);
+  // The tw sock a connection closed at close_ns leaves (substate and
+  // timer not set).
+  Tw tw_of(const Connection& c, uint64_t close_ns) const;
   void enter(const Tracked& t, NoticeOut& out);
   void add_tw(const Tw& tw, const Connection* c, NoticeOut& out, bool preexisting);
   void not_entered(const Connection* c, const TupleKey& tuple, uint64_t conn, uint64_t ts,
