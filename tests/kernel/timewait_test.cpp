@@ -39,12 +39,12 @@ namespace {
 enum class Mode { Timer, Sweep, TimerRawTp, SweepRawTp };
 
 bool timers(Mode m) { return m == Mode::Timer || m == Mode::TimerRawTp; }
+bool raw_tp(Mode m) { return m == Mode::TimerRawTp || m == Mode::SweepRawTp; }
 
 std::vector<std::string> mode_args(Mode m) {
   std::vector<std::string> args;
   if (!timers(m)) args = {"--no-tw-timers", "--tw-sweep-interval", "0.2"};
-  if (m == Mode::TimerRawTp || m == Mode::SweepRawTp)
-    args.insert(args.end(), {"--attach", "raw_tp"});
+  if (raw_tp(m)) args.insert(args.end(), {"--attach", "raw_tp"});
   return args;
 }
 
@@ -740,9 +740,7 @@ INSTANTIATE_TEST_SUITE_P(Modes, TimeWaitTest,
                                            Mode::SweepRawTp),
                          [](const ::testing::TestParamInfo<Mode>& i) {
                            return std::string(timers(i.param) ? "Timers" : "Sweeps") +
-                                  (i.param == Mode::TimerRawTp || i.param == Mode::SweepRawTp
-                                       ? "RawTp"
-                                       : "");
+                                  (raw_tp(i.param) ? "RawTp" : "");
                          });
 
 }  // namespace
