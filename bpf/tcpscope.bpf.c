@@ -51,6 +51,15 @@ const volatile __u32 cfg_wakeup_every = 0;
  * socket without a cookie a private id (conn__new_id), which iter/tcp must
  * then report too (iter__conn_id). */
 const volatile bool cfg_private_ids = false;
+/* Keep the "socks" table of live sockets (id and owner per socket). Needed
+ * only for private ids and for --pid, which must know the owner of a
+ * softirq transition in the kernel. Without it each event carries the
+ * cookie and, from a system call, the caller: user space keeps the owner
+ * per connection. The table cost a lookup per event and an insert and a
+ * delete per socket, about a quarter of the state handler under churn. */
+const volatile bool cfg_sock_table = true;
+/* The send/recv programs are attached (owner refined on first I/O). */
+const volatile bool cfg_io_owner = false;
 
 /* What the kernel side remembers of a socket while it lives. */
 struct sock_info {
@@ -109,6 +118,26 @@ struct {
 	__type(key, struct tuple_key);
 	__type(value, __u64);
 } tw_ids SEC(".maps");
+
+/* Without the socket table: accepted sockets whose owner their first
+ * send/recv may refine (the listener's owner may not be the process that
+ * accepted, e.g. a pre-forked worker). Written when the child is made,
+ * removed by its first send/recv; sockets that never do I/O are evicted
+ * (LRU, per-CPU lists: no shared lock on insert). The cookie tells a
+ * later socket at the same address from the one an entry was made for. */
+struct io_wait {
+	__u64 conn; /* the socket's cookie */
+	__u32 pid;  /* the owner it was given (the listener's), 0 none */
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__uint(max_entries, 65536); /* --max-sockets sets it */
+	__type(key, __u64);
+	__type(value, struct io_wait);
+} io_wanted SEC(".maps");
 
 /* Owners of listening sockets, inherited by the children they accept: the
  * handshake completes in softirq, where "current" is unrelated. */
@@ -408,6 +437,46 @@ static __always_inline bool sock__is_stale(const struct sock *sk,
 	return cookie && info->conn != cookie;
 }
 
+/* Copies the owner of an accepted child's listener into the event. */
+static __always_inline bool listener__owner_of(const struct tcpscope_event *e,
+					       __u32 *pid, char *comm)
+{
+	struct listener_key lk = {.netns = e->netns, .port = e->lport};
+	struct owner *o = bpf_map_lookup_elem(&listeners, &lk);
+
+	if (!o)
+		return false;
+	*pid = o->pid;
+	__builtin_memcpy(comm, o->comm, TCPSCOPE_COMM_LEN);
+	return true;
+}
+
+/* Without the socket table: the id is the cookie; the owner is sent only
+ * where it is learnt (a system call's caller, an accepted child's listener)
+ * and user space keeps it for the connection's other events. */
+static __always_inline void sock__identify(const struct sock *sk,
+					   struct tcpscope_event *e, bool btf,
+					   int oldstate, int newstate)
+{
+	e->conn = conn__new_id(sk, btf);
+	if (state__is_syscall(oldstate, newstate) && !task__is_kthread(btf)) {
+		owner__from_current(&e->pid, e->comm);
+		e->owner_src = TCPSCOPE_OWNER_SYSCALL;
+	} else if (newstate == TCP_SYN_RECV && oldstate != newstate) {
+		struct io_wait w = {.conn = e->conn};
+		__u64 key = (__u64)sk;
+
+		if (listener__owner_of(e, &e->pid, e->comm)) {
+			e->owner_src = TCPSCOPE_OWNER_LISTENER;
+			w.pid = e->pid;
+		}
+		/* io__handle drops entries of sockets it does not know. */
+		if (cfg_io_owner &&
+		    bpf_map_update_elem(&io_wanted, &key, &w, BPF_ANY))
+			drops__inc(TCPSCOPE_DROP_SOCKMAP);
+	}
+}
+
 /* Looks up (or starts) what we know of a full socket and copies the
  * connection id and owner into the event. If the socket table is full a new
  * socket is not remembered (counted in drops); the event still goes out. */
@@ -416,9 +485,15 @@ static __always_inline void sock__track(const struct sock *sk,
 					int oldstate, int newstate)
 {
 	__u64 key = (__u64)sk;
-	struct sock_info *info = bpf_map_lookup_elem(&socks, &key);
-	bool syscall = state__is_syscall(oldstate, newstate) &&
-		       !task__is_kthread(btf);
+	struct sock_info *info;
+	bool syscall;
+
+	if (!cfg_sock_table) {
+		sock__identify(sk, e, btf, oldstate, newstate);
+		return;
+	}
+	info = bpf_map_lookup_elem(&socks, &key);
+	syscall = state__is_syscall(oldstate, newstate) && !task__is_kthread(btf);
 
 	/* The kernel may skip a run of ours (a program interrupted on its CPU
 	 * and the tracepoint hit again in the interrupt: recursion_misses),
@@ -434,17 +509,9 @@ static __always_inline void sock__track(const struct sock *sk,
 		if (syscall) {
 			owner__from_current(&fresh.pid, fresh.comm);
 			fresh.owner_src = TCPSCOPE_OWNER_SYSCALL;
-		} else if (newstate == TCP_SYN_RECV) {
-			struct listener_key lk = {.netns = e->netns,
-						  .port = e->lport};
-			struct owner *o = bpf_map_lookup_elem(&listeners, &lk);
-
-			if (o) {
-				fresh.pid = o->pid;
-				__builtin_memcpy(fresh.comm, o->comm,
-						 sizeof(fresh.comm));
-				fresh.owner_src = TCPSCOPE_OWNER_LISTENER;
-			}
+		} else if (newstate == TCP_SYN_RECV &&
+			   listener__owner_of(e, &fresh.pid, fresh.comm)) {
+			fresh.owner_src = TCPSCOPE_OWNER_LISTENER;
 		}
 		e->sk_flags |= TCPSCOPE_SK_NEW;
 		/* Later transitions find it; this one reports what it holds
@@ -997,11 +1064,47 @@ int destroy_tp(struct trace_event_raw_tcp_event_sk *ctx)
 
 /* sock_send_length/sock_recv_length exist since 6.3; optional. They fire in
  * the calling task for every socket family, so the work is a lookup. */
+/* Without the socket table: an accepted socket's first send/recv names the
+ * process that does its I/O; sent only if that is not the owner it was
+ * given (user space keeps it for the connection's later events). */
+static __always_inline int io__refine(const struct sock *sk, bool btf)
+{
+	__u64 key = (__u64)sk;
+	struct io_wait *w = bpf_map_lookup_elem(&io_wanted, &key);
+	struct tcpscope_event e = {};
+
+	if (!w)
+		return 0;
+	if (task__is_kthread(btf))
+		return 0;
+	if (w->conn != conn__new_id(sk, btf)) {
+		/* Made for an earlier socket at this address. */
+		bpf_map_delete_elem(&io_wanted, &key);
+		return 0;
+	}
+	owner__from_current(&e.pid, e.comm);
+	if (e.pid == w->pid) {
+		bpf_map_delete_elem(&io_wanted, &key);
+		return 0;
+	}
+	e.conn = w->conn;
+	bpf_map_delete_elem(&io_wanted, &key);
+	sock__read_tuple(sk, &e, btf);
+	e.type = TCPSCOPE_EV_OWNER;
+	e.owner_src = TCPSCOPE_OWNER_IO;
+	e.old_state = e.new_state = KREAD(btf, sk, __sk_common.skc_state);
+	e.sk = key;
+	ringbuf__emit(&e);
+	return 0;
+}
+
 static __always_inline int io__handle(const struct sock *sk, bool btf)
 {
 	__u64 key = (__u64)sk;
 	struct sock_info *info;
 
+	if (!cfg_sock_table)
+		return io__refine(sk, btf);
 	info = bpf_map_lookup_elem(&socks, &key);
 	if (!info || info->owner_src == TCPSCOPE_OWNER_SYSCALL ||
 	    info->owner_src == TCPSCOPE_OWNER_IO)

@@ -180,6 +180,14 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   s->rodata->cfg_rport = f.rport;
   s->rodata->cfg_family = f.family;
   s->rodata->cfg_private_ids = mode != AttachMode::TpBtf;
+  // The socket table keeps private ids, and owners for --pid to match in
+  // the kernel; otherwise user space keeps owners (cheaper per event).
+  const bool sock_table = mode != AttachMode::TpBtf || f.pid != 0;
+  s->rodata->cfg_sock_table = sock_table;
+  // (Classic tracepoints have no send/recv programs.)
+  const bool io_owner =
+      cfg.io_owner && features.io_tracepoints() && mode != AttachMode::Tracepoint;
+  s->rodata->cfg_io_owner = io_owner;
   // tw_ids serves private ids only: otherwise no room is set aside for it.
   if (mode == AttachMode::TpBtf) {
     if (int err = bpf_map__set_max_entries(s->maps.tw_ids, 1))
@@ -197,15 +205,21 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   }
   if (int err = bpf_map__set_max_entries(s->maps.events, cfg.ring_bytes))
     return Error{"ring buffer size " + std::to_string(cfg.ring_bytes) + ": " + errno_text(err)};
-  if (int err = bpf_map__set_max_entries(s->maps.socks, cfg.max_sockets))
+  // Unused maps get one entry (preallocated maps take their whole size).
+  if (int err = bpf_map__set_max_entries(s->maps.socks, sock_table ? cfg.max_sockets : 1))
     return Error{"socket table size: " + errno_text(err)};
+  if (int err = bpf_map__set_max_entries(s->maps.io_wanted,
+                                         !sock_table && io_owner ? cfg.max_sockets : 1))
+    return Error{"accepted socket table size: " + errno_text(err)};
 
   bpf_program* prog;
   bpf_object__for_each_program(prog, s->obj) bpf_program__set_autoload(prog, false);
   const ProgSet set = progs_for(s, mode);
   std::vector<bpf_program*> wanted = {set.set_state, set.retransmit, set.send_reset,
-                                      set.receive_reset, set.destroy};
-  if (cfg.io_owner && set.recv && features.io_tracepoints()) {
+                                      set.receive_reset};
+  // tcp_destroy_sock only removes sockets from the table.
+  if (sock_table) wanted.push_back(set.destroy);
+  if (io_owner && set.recv) {
     wanted.push_back(set.recv);
     wanted.push_back(set.send);
   }
@@ -218,7 +232,10 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   // nor the twins (a twin's skipped run is the main one's, or no work).
   std::vector<bpf_program*> lossy(wanted.begin(), wanted.end());
   std::erase(lossy, set.destroy);
-  if (set.set_state_nested) wanted.insert(wanted.end(), {set.set_state_nested, set.destroy_nested});
+  if (set.set_state_nested) {
+    wanted.push_back(set.set_state_nested);
+    if (sock_table) wanted.push_back(set.destroy_nested);
+  }
   for (bpf_program* p : wanted) bpf_program__set_autoload(p, true);
   if (with_iter) bpf_program__set_autoload(s->progs.sock_iter, true);
 

@@ -154,6 +154,34 @@ void Tracker::record_state(Connection& c, uint8_t state, uint64_t ts) {
   }
 }
 
+namespace {
+
+// How much an owner source says: a system call's caller is the owner; the
+// first I/O refines a listener's (an accepted socket's); nothing is less.
+int owner_rank(uint8_t src) {
+  switch (src) {
+    case TCPSCOPE_OWNER_SYSCALL: return 3;
+    case TCPSCOPE_OWNER_IO: return 2;
+    case TCPSCOPE_OWNER_LISTENER: return 1;
+    default: return 0;
+  }
+}
+
+}  // namespace
+
+// The kernel side sends an owner where it learns one (and, with its socket
+// table, on every event): the first one from a system call stays, as the
+// kernel's table keeps it; a weaker source never replaces a stronger one.
+void Tracker::take_owner(Connection& c, const Event& ev) {
+  if (ev.pid == 0) return;
+  if (c.pid != 0 && owner_rank(ev.owner_src) <= owner_rank(c.owner_src) &&
+      (c.owner_src == TCPSCOPE_OWNER_SYSCALL || ev.owner_src != c.owner_src))
+    return;
+  c.pid = ev.pid;
+  std::memcpy(c.comm.data(), ev.comm, c.comm.size());
+  c.owner_src = ev.owner_src;
+}
+
 Tracked Tracker::apply(const Event& ev) {
   Tracked out;
   out.ev = &ev;
@@ -199,6 +227,14 @@ Tracked Tracker::apply(const Event& ev) {
     out.conn = &c;
     return out;
   }
+  // A process other than the one known did an accepted socket's first I/O.
+  if (ev.type == TCPSCOPE_EV_OWNER) {
+    const uint32_t i = slot_of(ev.conn);
+    if (ev.conn == 0 || i == kNoSlot || slot(i).is_closed()) return out;
+    take_owner(slot(i), ev);
+    out.conn = &slot(i);
+    return out;
+  }
   // Only the socket's own events make its lifecycle; tw timer and sweep
   // records describe the timewait sock that replaced it.
   const bool socket_event = ev.type == TCPSCOPE_EV_STATE || ev.type == TCPSCOPE_EV_RETRANSMIT ||
@@ -238,11 +274,7 @@ Tracked Tracker::apply(const Event& ev) {
     c->lport = ev.lport;
     std::memcpy(c->laddr.data(), ev.laddr, c->laddr.size());
   }
-  if (ev.pid != 0) {
-    c->pid = ev.pid;
-    std::memcpy(c->comm.data(), ev.comm, c->comm.size());
-    c->owner_src = ev.owner_src;
-  }
+  take_owner(*c, ev);
 
   switch (ev.type) {
     case TCPSCOPE_EV_STATE: {

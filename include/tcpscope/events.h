@@ -36,6 +36,14 @@ enum tcpscope_event_type {
 				      reused by connect(), an RST, netns exit)
 				      unless a TW_START follows at once */
 	TCPSCOPE_EV_TW_EXPIRE = 7, /* fired: TIME_WAIT is over */
+	TCPSCOPE_EV_OWNER = 8,	   /* an accepted socket's first send/recv
+				      came from another process than the
+				      owner it was given (its listener's):
+				      pid, comm = that process, owner_src =
+				      TCPSCOPE_OWNER_IO; conn, tuple = the
+				      socket's; old_state = new_state = its
+				      state. Only without the kernel's
+				      socket table (see pid below) */
 	/* Records made by user space, never by BPF; kept in captures so a
 	 * replay sees exactly what the live run saw. */
 	TCPSCOPE_EV_LOST = 16,	/* conn = events lost since the last one;
@@ -214,7 +222,8 @@ enum tcpscope_sk_flags {
 					       tuple comes from the segment */
 	TCPSCOPE_SK_TIMEWAIT = 1 << 4,	    /* event on a timewait sock */
 	TCPSCOPE_SK_NEW = 1 << 5,	    /* first event of this socket seen
-					       by the tracer */
+					       by the tracer (set only with
+					       the kernel's socket table) */
 	TCPSCOPE_SK_SNAPSHOT = 1 << 6,	    /* found by the start-up sweep */
 	TCPSCOPE_SK_LISTENER = 1 << 7,	    /* reset sent by a listener for a
 					       segment no connection matched:
@@ -260,7 +269,12 @@ struct tcpscope_event {
 			  socket when conn is 0; never shown to users */
 	__u64 cgroup;  /* cgroup v2 id of the socket, 0 if unknown */
 	__u32 netns;   /* network namespace inode */
-	__u32 pid;     /* owner process (tgid), 0 if unknown */
+	__u32 pid;     /* owner process (tgid), 0 if unknown. With the kernel's
+			  socket table (--pid, fallback flavours) every event
+			  carries the owner known so far; without it only the
+			  events that learn it (a system call's transition,
+			  an accepted child's first, OWNER), and user space
+			  keeps it for the connection */
 	__u32 reason;  /* RESET_SENT: enum sk_rst_reason (kernel >= 6.10, else
 			  0); RETRANSMIT: err of the transmit (kernel >= 6.13) */
 	__u32 seg_len; /* RESET_SENT: payload bytes of the segment that drew the

@@ -164,6 +164,7 @@ class Tracker {
   void finalize(Connection& c);
   void enforce_cap();
 
+  static void take_owner(Connection& c, const Event& ev);
   Connection* lookup(uint64_t id);
   uint32_t slot_of(uint64_t id) const;  // kNoSlot if not tracked
   void forget(uint32_t slot_index);

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <sstream>
 #include <stdexcept>
 
@@ -864,6 +865,13 @@ void expect_identity(const std::vector<json>& events, const Identity& want,
       EXPECT_EQ(e.value("netns", uint64_t{0}), want.netns) << what << ": " << e.dump();
     }
   }
+}
+
+std::string own_comm() {
+  std::ifstream f("/proc/self/comm");
+  std::string s;
+  std::getline(f, s);
+  return s;
 }
 
 void expect_owner(const std::vector<json>& events, pid_t pid, const std::string& comm,

@@ -350,6 +350,8 @@ struct Identity {
 // the local port.
 void expect_identity(const std::vector<json>& events, const Identity& want,
                      const std::string& what);
+// This process's comm (/proc/self/comm).
+std::string own_comm();
 // One gtest failure per event whose pid/comm differ.
 void expect_owner(const std::vector<json>& events, pid_t pid, const std::string& comm,
                   const std::string& what);

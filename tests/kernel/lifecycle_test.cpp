@@ -13,13 +13,6 @@
 namespace ktest {
 namespace {
 
-std::string own_comm() {
-  std::ifstream f("/proc/self/comm");
-  std::string s;
-  std::getline(f, s);
-  return s;
-}
-
 struct CloseCase {
   int family;
   bool client_first;

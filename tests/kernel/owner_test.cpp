@@ -184,5 +184,88 @@ TEST_F(OwnerTest, PidFilterKeepsOnlyThatProcessesConnections) {
   }
 }
 
+constexpr const char* kWorkerComm = "tsk-worker";
+
+// A pre-forked worker: inherits the test's listener, accepts, reads one byte,
+// says "got", waits for "close", closes, says "closed", waits for "exit".
+int worker_main(Channel& ch, int listen_fd) {
+  ::prctl(PR_SET_NAME, kWorkerComm, 0, 0, 0);
+  Fd afd(accept_tcp(listen_fd, 10000ms));
+  if (!afd.valid()) return 30;
+  char c;
+  if (!wait_readable(afd.get(), 10000ms) || ::recv(afd.get(), &c, 1, 0) != 1) return 31;
+  if (!ch.child_send("got")) return 32;
+  if (!ch.child_expect("close")) return 33;
+  afd.reset();
+  if (!ch.child_send("closed")) return 34;
+  return ch.child_expect("exit") ? 0 : 35;
+}
+
+// The listener is this process's, the worker that accepts a child's: the
+// accepted socket is the listener owner's until the worker's first recv, the
+// worker's after it, softirq transitions included (the client's FIN runs
+// while this process is current). The same with and without the kernel's
+// socket table (raw_tp keeps one).
+void expect_worker_named_after_first_recv(const std::vector<std::string>& args) {
+  NetNs ns;
+  Tracer tracer;
+  ASSERT_TRUE(tracer.start(ns, args)) << tracer.diagnostics();
+  Fd lfd, client;
+  {
+    ScopedNetns in(ns);
+    lfd = Fd(listen_tcp(AF_INET, "127.0.0.1"));
+  }
+  ASSERT_TRUE(lfd.valid());
+  const uint16_t sport = local_port(lfd.get());
+  Channel wch;
+  const pid_t worker = ns.spawn([&] { return worker_main(wch, lfd.get()); });
+  {
+    ScopedNetns in(ns);
+    client = Fd(connect_tcp(AF_INET, "127.0.0.1", sport));
+  }
+  ASSERT_TRUE(client.valid());
+  const uint16_t cport = local_port(client.get());
+  ASSERT_EQ(::send(client.get(), "x", 1, MSG_NOSIGNAL), 1);
+  ASSERT_EQ(wch.recv(), "got");
+  // ss agrees: the worker holds the accepted socket.
+  EXPECT_EQ(ss_owner(ss_sockets(ns), sport, cport, nullptr), worker)
+      << ns.exec({"ss", "-tanp"}).out;
+  client.reset();  // the worker's socket goes CLOSE_WAIT in softirq
+  ASSERT_TRUE(wait_ss_state(ns, sport, cport, "CLOSE-WAIT"));
+  ASSERT_TRUE(wch.send("close"));
+  ASSERT_EQ(wch.recv(), "closed");
+  ASSERT_TRUE(wait_until([&] { return ss_find(ss_sockets(ns), sport, cport).empty(); }));
+  wch.send("exit");
+  EXPECT_EQ(ns.wait(worker), 0);
+
+  ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();
+  const std::string diag = tracer.diagnostics();
+  const auto accepted = tracer.conns_with(sport, cport);
+  ASSERT_EQ(accepted.size(), 1u) << diag;
+  EXPECT_EQ(tracer.state_path(accepted[0]), kPassiveOpenPassiveClose) << diag;
+  std::vector<std::pair<std::string, pid_t>> got, want = {
+      {"SYN_RECV", ::getpid()}, {"ESTABLISHED", ::getpid()}, {"CLOSE_WAIT", worker},
+      {"LAST_ACK", worker},     {"CLOSE", worker}};
+  for (const auto& e : tracer.events_for(accepted[0])) {
+    if (e.value("type", "") != "state") continue;
+    got.emplace_back(e.value("new", ""), e.value("pid", -1));
+    const bool by_worker = e.value("pid", -1) == worker;
+    EXPECT_EQ(e.value("comm", ""), by_worker ? kWorkerComm : own_comm()) << e.dump();
+    const std::string how = e.value("new", "") == "CLOSE_WAIT" ? "io"
+                            : by_worker                        ? "syscall"
+                                                               : "listener";
+    EXPECT_EQ(e.value("owner", ""), how) << e.dump();
+  }
+  EXPECT_EQ(got, want) << diag;
+}
+
+TEST_F(OwnerTest, PreforkedWorkerIsNamedAfterItsFirstRecv) {
+  expect_worker_named_after_first_recv({});
+}
+
+TEST_F(OwnerTest, PreforkedWorkerIsNamedAfterItsFirstRecvWithSocketTable) {
+  expect_worker_named_after_first_recv({"--attach", "raw_tp"});
+}
+
 }  // namespace
 }  // namespace ktest

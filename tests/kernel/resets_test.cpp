@@ -19,13 +19,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string own_comm() {
-  std::ifstream f("/proc/self/comm");
-  std::string s;
-  std::getline(f, s);
-  return s;
-}
-
 int64_t ms_since(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t).count();
 }

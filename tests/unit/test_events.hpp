@@ -149,6 +149,10 @@ inline Ev ResetSent(uint64_t ts, uint64_t conn, uint8_t state, uint32_t reason) 
 inline Ev ResetReceived(uint64_t ts, uint64_t conn, uint8_t state) {
   return Ev(TCPSCOPE_EV_RESET_RECEIVED, ts, conn).in(state);
 }
+// An accepted socket's first I/O, by another process than its owner.
+inline Ev Owner(uint64_t ts, uint64_t conn, uint8_t state, uint32_t pid, std::string_view comm) {
+  return Ev(TCPSCOPE_EV_OWNER, ts, conn).in(state).owner(pid, comm, TCPSCOPE_OWNER_IO);
+}
 // count lost, `skipped` of them runs the kernel skipped.
 inline Ev Lost(uint64_t ts, uint64_t count, uint64_t skipped = 0) {
   return Ev(TCPSCOPE_EV_LOST, ts, count).aux(skipped);

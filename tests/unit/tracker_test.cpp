@@ -783,6 +783,48 @@ TEST(Tracker, OwnerFromEventsWithPid) {
   EXPECT_EQ(c->owner_src, TCPSCOPE_OWNER_SYSCALL);
 }
 
+// Without the kernel's socket table only the events that learn the owner
+// carry it: the tracker keeps it for the rest, the first system call's
+// caller stays (as the table kept it), and I/O refines a listener's owner.
+TEST(Tracker, OwnerSentOnlyWhereLearntIsKept) {
+  Recorder r;
+  r.apply(State(ms(1), 1310, kTcpListen, kTcpSynRecv)
+              .owner(7, "master", TCPSCOPE_OWNER_LISTENER));
+  r.apply(State(ms(2), 1310, kTcpSynRecv, kTcpEstablished));
+  const Connection* c = r.tracker.find(1310);
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(c->pid, 7u);
+  EXPECT_EQ(c->owner_src, TCPSCOPE_OWNER_LISTENER);
+
+  // The worker's first recv: no line of its own, the owner changes.
+  const Tracked t = r.apply(Owner(ms(3), 1310, kTcpEstablished, 8, "worker"));
+  EXPECT_EQ(t.conn, c);
+  EXPECT_FALSE(t.gap);
+  EXPECT_EQ(c->pid, 8u);
+  EXPECT_EQ(comm_of(*c), "worker");
+  EXPECT_EQ(c->owner_src, TCPSCOPE_OWNER_IO);
+  EXPECT_EQ(c->state, kTcpEstablished) << "an owner record is no transition";
+
+  // A listener's owner never replaces a refined one.
+  r.apply(State(ms(4), 1310, kTcpEstablished, kTcpCloseWait)
+              .owner(7, "master", TCPSCOPE_OWNER_LISTENER));
+  EXPECT_EQ(c->pid, 8u);
+
+  // close() in another process: a system call's caller is the owner...
+  r.apply(State(ms(5), 1310, kTcpCloseWait, kTcpLastAck).owner(9, "closer"));
+  EXPECT_EQ(c->pid, 9u);
+  EXPECT_EQ(c->owner_src, TCPSCOPE_OWNER_SYSCALL);
+  // ... and the first one stays: neither a later call nor I/O moves it.
+  r.apply(Retransmit(ms(6), 1310, kTcpLastAck, TCPSCOPE_TCP_FIN, 0).owner(10, "other"));
+  r.apply(Owner(ms(6), 1310, kTcpLastAck, 11, "late"));
+  EXPECT_EQ(c->pid, 9u);
+  EXPECT_EQ(comm_of(*c), "closer");
+
+  // An owner record of a connection not tracked starts nothing.
+  r.apply(Owner(ms(7), 1311, kTcpEstablished, 12, "stranger"));
+  EXPECT_EQ(r.tracker.find(1311), nullptr);
+}
+
 TEST(Tracker, HistoryKeepsTheFirstStates) {
   Recorder r;
   r.apply(State(ms(1), 1400, kTcpClose, kTcpSynSent));
