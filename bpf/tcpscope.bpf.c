@@ -1115,6 +1115,9 @@ static __always_inline int io__handle(const struct sock *sk, bool btf)
 		return 0;
 	if (task__is_kthread(btf))
 		return 0;
+	/* As io__refine: only another process than the owner refines it. */
+	if (info->pid && info->pid == bpf_get_current_pid_tgid() >> 32)
+		return 0;
 	owner__from_current(&info->pid, info->comm);
 	info->owner_src = TCPSCOPE_OWNER_IO;
 	return 0;

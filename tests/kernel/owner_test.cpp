@@ -75,10 +75,11 @@ pid_t ss_owner(const std::vector<SsSocket>& all, uint16_t lport, uint16_t rport,
 
 class OwnerTest : public KernelTest {};
 
-TEST_F(OwnerTest, SeparateServerAndClientProcessesOwnTheirSockets) {
+// With and without the kernel's socket table (raw_tp keeps one).
+void expect_each_process_owns_its_sockets(const std::vector<std::string>& args) {
   NetNs ns;
   Tracer tracer;
-  ASSERT_TRUE(tracer.start(ns)) << tracer.diagnostics();
+  ASSERT_TRUE(tracer.start(ns, args)) << tracer.diagnostics();
 
   Channel sch, cch;
   const pid_t server_pid = ns.spawn([&] { return server_main(sch, false); });
@@ -131,6 +132,15 @@ TEST_F(OwnerTest, SeparateServerAndClientProcessesOwnTheirSockets) {
   expect_owner(tracer.events_for(server[0]), server_pid, kServerComm, "accepted socket");
   expect_owner(tracer.events_for(listener[0]), server_pid, kServerComm, "listener");
   expect_owner(tracer.events_for(client[0]), client_pid, kClientComm, "client socket");
+  // How each was learnt: the accepted socket keeps its listener's owner
+  // (its send came from that process) until its own close().
+  for (const auto& e : tracer.events_for(server[0])) {
+    if (e.value("type", "") != "state") continue;
+    const std::string to = e.value("new", "");
+    EXPECT_EQ(e.value("owner", ""),
+              to == "LAST_ACK" || to == "CLOSE" ? "syscall" : "listener")
+        << e.dump();
+  }
   // The softirq transitions must be there to be checked.
   bool saw_syn_recv = false, saw_server_established = false;
   for (const auto& e : tracer.events_for(server[0])) {
@@ -138,6 +148,14 @@ TEST_F(OwnerTest, SeparateServerAndClientProcessesOwnTheirSockets) {
     if (e.value("new", "") == "ESTABLISHED") saw_server_established = true;
   }
   EXPECT_TRUE(saw_syn_recv && saw_server_established) << diag;
+}
+
+TEST_F(OwnerTest, SeparateServerAndClientProcessesOwnTheirSockets) {
+  expect_each_process_owns_its_sockets({});
+}
+
+TEST_F(OwnerTest, SeparateServerAndClientProcessesOwnTheirSocketsWithSocketTable) {
+  expect_each_process_owns_its_sockets({"--attach", "raw_tp"});
 }
 
 // --pid: only the server process's connections, including the transitions
