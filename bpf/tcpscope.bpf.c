@@ -388,6 +388,11 @@ static __always_inline void owner__from_current(__u32 *pid, char *comm)
  * softirq on behalf of whatever task was interrupted. */
 static __always_inline bool state__is_syscall(int oldstate, int newstate)
 {
+	/* Not a transition: a retransmit or reset handler passes the state
+	 * twice (a SYN retransmitted in SYN_SENT, a FIN in LAST_ACK: timers,
+	 * softirq). */
+	if (oldstate == newstate)
+		return false;
 	switch (newstate) {
 	case TCP_SYN_SENT:
 	case TCP_LISTEN:
