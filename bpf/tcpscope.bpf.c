@@ -1078,24 +1078,25 @@ static __always_inline int io__refine(const struct sock *sk, bool btf)
 {
 	__u64 key = (__u64)sk;
 	struct io_wait *w = bpf_map_lookup_elem(&io_wanted, &key);
+	__u64 conn;
+	__u32 given;
+
+	if (!w || task__is_kthread(btf))
+		return 0;
+	/* Copied first: a deleted entry may be taken for another at once. */
+	conn = w->conn;
+	given = w->pid;
+	bpf_map_delete_elem(&io_wanted, &key);
+	/* An entry made for an earlier socket at this address says nothing. */
+	if (conn != conn__new_id(sk, btf))
+		return 0;
+	/* Only now: this runs on every send/recv of the host. */
 	struct tcpscope_event e = {};
 
-	if (!w)
-		return 0;
-	if (task__is_kthread(btf))
-		return 0;
-	if (w->conn != conn__new_id(sk, btf)) {
-		/* Made for an earlier socket at this address. */
-		bpf_map_delete_elem(&io_wanted, &key);
-		return 0;
-	}
 	owner__from_current(&e.pid, e.comm);
-	if (e.pid == w->pid) {
-		bpf_map_delete_elem(&io_wanted, &key);
+	if (e.pid == given)
 		return 0;
-	}
-	e.conn = w->conn;
-	bpf_map_delete_elem(&io_wanted, &key);
+	e.conn = conn;
 	sock__read_tuple(sk, &e, btf);
 	e.type = TCPSCOPE_EV_OWNER;
 	e.owner_src = TCPSCOPE_OWNER_IO;

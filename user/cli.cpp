@@ -71,8 +71,9 @@ Result<Options> parse_command_line(int argc, char** argv) {
   app.add_option("--disable-feature", o.disabled_features,
                  "Treat a kernel feature as missing (see --info), to test fallbacks");
   app.add_option("--ring-size", ring_size, "BPF ring buffer size (power of 2; default 2M)");
-  app.add_option("--max-sockets", o.trace.max_sockets, "Sockets the kernel side tracks at once (all live ones with --pid or a fallback "
-                 "attach method; else accepted ones awaiting their first send/recv)")
+  app.add_option("--max-sockets", o.trace.max_sockets,
+                 "Sockets the kernel side tracks at once (all live ones with --pid or a "
+                 "fallback attach method; else accepted ones awaiting their first send/recv)")
       ->check(CLI::Range(1024u, 16u << 20));
   app.add_flag("--no-io-owner", no_io,
                "Do not refine owners on first send/recv (saves a probe per send/recv)");

@@ -421,7 +421,8 @@ TEST(Tracker, RetransmitCountJumpIsAGap) {
   auto rtx = [](uint64_t ts, uint64_t conn, uint32_t total, uint32_t segs) {
     return Retransmit(ts, conn, kTcpEstablished, 0x18, 100).aux(uint64_t{segs} << 32 | total);
   };
-  r.run({State(ms(1), 630, kTcpClose, kTcpSynSent), State(ms(2), 630, kTcpSynSent, kTcpEstablished)});
+  r.run({State(ms(1), 630, kTcpClose, kTcpSynSent),
+         State(ms(2), 630, kTcpSynSent, kTcpEstablished)});
   EXPECT_FALSE(r.apply(rtx(ms(3), 630, 1, 1)).gap);
   EXPECT_FALSE(r.apply(rtx(ms(4), 630, 4, 3)).gap);  // a 3-segment skb
   EXPECT_TRUE(r.apply(rtx(ms(5), 630, 6, 1)).gap);   // total 5 was not seen
