@@ -180,18 +180,42 @@ struct {
 	__type(value, __u32);
 } since_wakeup SEC(".maps");
 
-/* Per CPU and enum tcpscope_nest_site: 1 while the main program of that
- * site runs. The kernel does not re-enter a program interrupted on its CPU:
- * when the tracepoint fires again inside the interrupt (a softirq receiving
- * a packet while set_state runs in a syscall) it skips the run and counts a
- * recursion miss. The site's nested twin, attached beside it, does the work
- * of such a run instead; it does nothing while the main program is idle. */
+/* The kernel does not re-enter a program on a CPU where it is already
+ * running: when the tracepoint fires again in an interrupt (a softirq
+ * receiving a packet while set_state runs in a syscall, or one that
+ * interrupts the kernel's own entry into or exit from it) it skips the run
+ * and counts a recursion miss. Each such site has a twin program, attached
+ * after the main one, that the tracepoint calls next for the same firing:
+ * the twin does the work if the main program did not run for it. */
+#define NEST_DEPTH 8
+
+/* One firing: the socket and, for set_state, the transition. */
+struct nest_hit {
+	__u64 sk;
+	__u32 states; /* old << 8 | new */
+	__u32 _pad;
+};
+
+/* Per CPU and enum tcpscope_nest_site. */
+struct nest_state {
+	/* 1 while the main program runs: a twin that finds it set runs
+	 * nested inside it, so the kernel skipped the main program. */
+	__u32 busy;
+	/* The firings the main program ran for whose twin has not come yet,
+	 * innermost last: this covers the kernel's entry into and exit from
+	 * the main program, where busy is not set. Interrupts nest, so a
+	 * twin's firing is the last entry or lies below entries left by
+	 * nested runs whose own twin the kernel skipped (dropped with it). */
+	__u32 depth;
+	struct nest_hit hit[NEST_DEPTH];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, TCPSCOPE_NEST_MAX);
 	__type(key, __u32);
-	__type(value, __u32);
-} nest_busy SEC(".maps");
+	__type(value, struct nest_state);
+} nest SEC(".maps");
 
 /* Sequence for connection ids where the cookie helper is not available. */
 struct {
@@ -221,15 +245,29 @@ static __always_inline void drops__inc(__u32 kind)
 		*count += 1;
 }
 
-/* The main program of a site starts: its twin covers the runs the kernel
- * skips until nest__leave. */
-static __always_inline __u32 *nest__enter(__u32 site)
+/* The main program of a site runs for this firing. Returns the busy flag to
+ * clear when it ends. */
+static __always_inline __u32 *nest__enter(__u32 site, const struct sock *sk,
+					  __u32 states)
 {
-	__u32 *busy = bpf_map_lookup_elem(&nest_busy, &site);
+	struct nest_state *ns = bpf_map_lookup_elem(&nest, &site);
+	__u32 d;
 
-	if (busy)
-		*busy = 1;
-	return busy;
+	if (!ns)
+		return NULL;
+	d = ns->depth;
+	/* Full only of entries whose twin the kernel skipped: start over
+	 * (an outer firing's twin, if any, then repeats its work). */
+	if (d >= NEST_DEPTH)
+		d = 0;
+	/* Depth first: a run nesting in between pushes above this slot. */
+	ns->depth = d + 1;
+	barrier();
+	ns->hit[d & (NEST_DEPTH - 1)].sk = (__u64)sk;
+	ns->hit[d & (NEST_DEPTH - 1)].states = states;
+	barrier();
+	ns->busy = 1;
+	return &ns->busy;
 }
 
 static __always_inline void nest__leave(__u32 *busy)
@@ -238,13 +276,28 @@ static __always_inline void nest__leave(__u32 *busy)
 		*busy = 0;
 }
 
-/* In a twin: the main program is interrupted on this CPU, so the kernel
- * skipped it for this event. */
-static __always_inline bool nest__main_is_busy(__u32 site)
+/* In a twin: true if the kernel skipped the main program for this firing. */
+static __always_inline bool nest__main_skipped(__u32 site,
+					       const struct sock *sk,
+					       __u32 states)
 {
-	__u32 *busy = bpf_map_lookup_elem(&nest_busy, &site);
+	struct nest_state *ns = bpf_map_lookup_elem(&nest, &site);
+	__u32 d;
 
-	return busy && *busy;
+	if (!ns)
+		return false;
+	if (ns->busy)
+		return true;
+	d = ns->depth;
+	for (int i = NEST_DEPTH - 1; i >= 0; i--) {
+		if ((__u32)i >= d)
+			continue;
+		if (ns->hit[i].sk == (__u64)sk && ns->hit[i].states == states) {
+			ns->depth = i;
+			return false;
+		}
+	}
+	return true;
 }
 
 static __always_inline bool addr__is_v4_mapped(const __u8 *a)
@@ -714,9 +767,10 @@ static __always_inline int set_state__handle(const struct sock *sk,
 static __always_inline int set_state__main(const struct sock *sk,
 					   int oldstate, int newstate, bool btf)
 {
-	/* First thing: the twin covers only runs skipped while this is set
-	 * (the kernel's own entry and exit around us stay uncovered). */
-	__u32 *busy = nest__enter(TCPSCOPE_NEST_SET_STATE);
+	/* First thing: the sooner the busy flag is set, the fewer nested
+	 * firings the twin must tell by name. */
+	__u32 *busy = nest__enter(TCPSCOPE_NEST_SET_STATE, sk,
+				  oldstate << 8 | newstate);
 
 	if (sock__is_tcp(sk, btf))
 		set_state__handle(sk, oldstate, newstate, btf);
@@ -728,7 +782,8 @@ static __always_inline int set_state__nested(const struct sock *sk,
 					     int oldstate, int newstate,
 					     bool btf)
 {
-	if (!nest__main_is_busy(TCPSCOPE_NEST_SET_STATE) ||
+	if (!nest__main_skipped(TCPSCOPE_NEST_SET_STATE, sk,
+				oldstate << 8 | newstate) ||
 	    !sock__is_tcp(sk, btf))
 		return 0;
 	drops__inc(TCPSCOPE_NESTED_STATE);
@@ -1025,7 +1080,7 @@ static __always_inline int destroy__handle(const struct sock *sk)
  * the address is reused); the twin spares the slot. */
 static __always_inline int destroy__main(const struct sock *sk)
 {
-	__u32 *busy = nest__enter(TCPSCOPE_NEST_DESTROY);
+	__u32 *busy = nest__enter(TCPSCOPE_NEST_DESTROY, sk, 0);
 
 	destroy__handle(sk);
 	nest__leave(busy);
@@ -1034,7 +1089,7 @@ static __always_inline int destroy__main(const struct sock *sk)
 
 static __always_inline int destroy__nested(const struct sock *sk)
 {
-	if (!nest__main_is_busy(TCPSCOPE_NEST_DESTROY))
+	if (!nest__main_skipped(TCPSCOPE_NEST_DESTROY, sk, 0))
 		return 0;
 	return destroy__handle(sk);
 }

@@ -130,7 +130,7 @@ struct ProgSet {
   bpf_program* tw_cancel;
   bpf_program* tw_expire;
   // Twins doing the runs the kernel skips of set_state and destroy (see
-  // nest_busy in the BPF code). None for classic tracepoints: there one
+  // "nest" in the BPF code). None for classic tracepoints: there one
   // program running blocks every other on the CPU.
   bpf_program* set_state_nested;
   bpf_program* destroy_nested;
@@ -232,6 +232,8 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   // nor the twins (a twin's skipped run is the main one's, or no work).
   std::vector<bpf_program*> lossy(wanted.begin(), wanted.end());
   std::erase(lossy, set.destroy);
+  // Twins last: a tracepoint calls its programs in the order they were
+  // attached, and a twin must run after its main program.
   if (set.set_state_nested) {
     wanted.push_back(set.set_state_nested);
     if (sock_table) wanted.push_back(set.destroy_nested);

@@ -253,7 +253,7 @@ enum tcpscope_drop_kind {
 	TCPSCOPE_DROP_MAX = 4,
 };
 
-/* Tracepoints whose main program has a nested twin (key of "nest_busy"). */
+/* Tracepoints whose main program has a nested twin (key of "nest"). */
 enum tcpscope_nest_site {
 	TCPSCOPE_NEST_SET_STATE = 0, /* inet_sock_set_state */
 	TCPSCOPE_NEST_DESTROY = 1,   /* tcp_destroy_sock */

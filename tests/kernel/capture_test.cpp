@@ -19,29 +19,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "tcpscope-kcap-XXXXXX").string();
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
-std::string binary() {
-  const char* env = std::getenv("TCPSCOPE_BINARY");
-  return env && *env ? env : TCPSCOPE_BINARY;
-}
-
 std::vector<json> parse_lines(const std::string& out, std::vector<std::string>* bad = nullptr) {
   std::vector<json> v;
   std::istringstream in(out);
@@ -63,7 +40,7 @@ struct Report {
 };
 Report report(const std::string& file, const std::vector<std::string>& prefix = {}) {
   std::vector<std::string> argv = prefix;
-  argv.insert(argv.end(), {binary(), "report", file, "--json"});
+  argv.insert(argv.end(), {tcpscope_binary(), "report", file, "--json"});
   Report r;
   r.cmd = run_cmd(argv, 30000ms);
   r.lines = parse_lines(r.cmd.out, &r.bad);
@@ -361,22 +338,22 @@ TEST_F(CaptureKernel, DiskFull) {
 
 TEST_F(CaptureKernel, UsageAndCorruptCaptureErrors) {
   TempDir dir;
-  auto r = run_cmd({binary(), "record"});
+  auto r = run_cmd({tcpscope_binary(), "record"});
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.err.find("tcpscope: record: -o FILE is required"), std::string::npos) << r.err;
-  r = run_cmd({binary(), "record", "-o", dir.file("x"), "--trigger-late-fin"});
+  r = run_cmd({tcpscope_binary(), "record", "-o", dir.file("x"), "--trigger-late-fin"});
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.err.find("needs --ring"), std::string::npos) << r.err;
-  r = run_cmd({binary(), "report", dir.file("x"), "--port", "80"});
+  r = run_cmd({tcpscope_binary(), "report", dir.file("x"), "--port", "80"});
   EXPECT_EQ(r.status, 2);
-  r = run_cmd({binary(), "--audit-interval", "0.05"});
+  r = run_cmd({tcpscope_binary(), "--audit-interval", "0.05"});
   EXPECT_EQ(r.status, 2);
   EXPECT_EQ(r.err, "tcpscope: --audit-interval: use 0 (off) or at least 0.1 s\n");
-  r = run_cmd({binary(), "report", dir.file("missing")});
+  r = run_cmd({tcpscope_binary(), "report", dir.file("missing")});
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("No such file"), std::string::npos) << r.err;
   { std::ofstream(dir.file("junk")) << "this is not a capture\n"; }
-  r = run_cmd({binary(), "report", dir.file("junk")});
+  r = run_cmd({tcpscope_binary(), "report", dir.file("junk")});
   EXPECT_EQ(r.status, 1);
   EXPECT_EQ(r.err, "tcpscope: " + dir.file("junk") + ": not a tcpscope capture (bad magic)\n");
 }

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -29,13 +30,6 @@ namespace ktest {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// The binary under test: $TCPSCOPE_BINARY (e.g. an installed copy) or
-// the one this build made.
-const char* binary() {
-  const char* env = std::getenv("TCPSCOPE_BINARY");
-  return env && *env ? env : TCPSCOPE_BINARY;
-}
 
 bool exists(const char* path) {
   struct stat st;
@@ -137,6 +131,24 @@ std::atomic<uint64_t> g_counted_losses{0};
 
 }  // namespace
 
+// $TCPSCOPE_BINARY (e.g. an installed copy) or the one this build made.
+const char* tcpscope_binary() {
+  const char* env = std::getenv("TCPSCOPE_BINARY");
+  return env && *env ? env : TCPSCOPE_BINARY;
+}
+
+TempDir::TempDir() {
+  std::string tmpl =
+      (std::filesystem::temp_directory_path() / "tcpscope-kcap-XXXXXX").string();
+  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
 uint64_t counted_losses() { return g_counted_losses.load(); }
 
 // ---- prerequisites ----------------------------------------------------------
@@ -151,7 +163,8 @@ std::string missing_prerequisite() {
   if (!exists("/sys/kernel/btf/vmlinux"))
     return "kernel tests need kernel BTF: /sys/kernel/btf/vmlinux is missing "
            "(CONFIG_DEBUG_INFO_BTF=y)";
-  if (!exists(binary())) return std::string("tcpscope binary not built: ") + binary();
+  if (!exists(tcpscope_binary()))
+    return std::string("tcpscope binary not built: ") + tcpscope_binary();
   if (::access("/usr/sbin/ip", X_OK) != 0 && ::access("/sbin/ip", X_OK) != 0 &&
       ::access("/usr/bin/ip", X_OK) != 0 && ::access("/bin/ip", X_OK) != 0)
     return "kernel tests need iproute2 (ip, ss)";
@@ -628,7 +641,7 @@ bool Tracer::start(const NetNs& ns, const std::vector<std::string>& extra, Milli
 
 bool Tracer::start_raw(const std::vector<std::string>& args, Millis timeout,
                        bool wait_start_line) {
-  args_ = {binary()};
+  args_ = {tcpscope_binary()};
   args_.insert(args_.end(), args.begin(), args.end());
   int out[2], err[2];
   if (::pipe2(out, O_CLOEXEC) != 0) return false;

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -78,6 +79,23 @@ struct CmdResult {
 
 // Runs argv (PATH lookup) with stdin from /dev/null, killing it by pid after
 // timeout.
+// The tcpscope binary under test.
+const char* tcpscope_binary();
+
+// A scratch directory, removed with its contents.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
 CmdResult run_cmd(const std::vector<std::string>& argv, Millis timeout = 10000ms);
 
 // Writes "what" to stderr-like test output on failure: argv joined.
