@@ -1380,6 +1380,27 @@ static __always_inline void record__tuple(const struct sock_common *skc,
 	__builtin_memcpy(r->raddr, e.raddr, sizeof(r->raddr));
 }
 
+/* A read() of the iterator returns only when its buffer is full or the walk
+ * is done, and user space drains the ring buffer between reads. A pass that
+ * keeps few sockets (the audit passes over timewait socks, of which a busy
+ * host has tens of thousands at 0.8 us each) would keep it from the ring for
+ * tens of ms, long enough to fill it. So every ITER_PROGRESS_EVERY sockets
+ * passed over, a progress record (state 0, no socket) goes out. */
+#define ITER_PROGRESS_EVERY 64
+
+__u32 iter_passed_over = 0; /* one reader at a time: user space */
+
+static __always_inline int iter__pass_over(struct seq_file *seq)
+{
+	struct tcpscope_sock_record progress = {};
+
+	if (++iter_passed_over < ITER_PROGRESS_EVERY)
+		return 0;
+	iter_passed_over = 0;
+	bpf_seq_write(seq, &progress, sizeof(progress));
+	return 0;
+}
+
 SEC("iter/tcp")
 int sock_iter(struct bpf_iter__tcp *ctx)
 {
@@ -1393,12 +1414,12 @@ int sock_iter(struct bpf_iter__tcp *ctx)
 		return 0;
 	state = BPF_CORE_READ(skc, skc_state);
 	if (iter_pass == TCPSCOPE_ITER_TIME_WAIT && state != TCP_TIME_WAIT)
-		return 0;
+		return iter__pass_over(seq);
 	if (iter_pass == TCPSCOPE_ITER_CLOSE_WAIT && state != TCP_CLOSE_WAIT)
-		return 0;
+		return iter__pass_over(seq);
 	/* A tw sock's connection has ended (its CLOSE came first). */
 	if (iter_pass == TCPSCOPE_ITER_AUDIT && state == TCP_TIME_WAIT)
-		return 0;
+		return iter__pass_over(seq);
 	record__tuple(skc, &r);
 	/* Same netns/family/port filters as the tracepoints. */
 	e.netns = r.netns;
@@ -1406,7 +1427,7 @@ int sock_iter(struct bpf_iter__tcp *ctx)
 	e.lport = r.lport;
 	e.rport = r.rport;
 	if (!filter__match_netns(&e) || !filter__match_ports(&e))
-		return 0;
+		return iter__pass_over(seq);
 	r.state = state;
 	r.substate = state;
 	r.conn = iter__conn_id(skc, state, &r);

@@ -271,9 +271,12 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     seen_at_snapshot = &seen;
     tracer.consume();
     std::vector<SockRecord> socks;
-    auto got = tracer.read_sockets(TCPSCOPE_ITER_ALL, socks);
-    // Events from before and during the pass go first; a socket that had
-    // some is not pre-existing (it may even have left the state seen).
+    // The ring is drained between reads (a pass over a busy host's sockets
+    // outlasts it): events from before and during the pass go first; a
+    // socket that had some is not pre-existing (it may even have left the
+    // state seen).
+    auto got = tracer.read_sockets(
+        TCPSCOPE_ITER_ALL, [&socks](const SockRecord& r) { socks.push_back(r); }, [] {});
     tracer.consume();
     seen_at_snapshot = nullptr;
     if (!got) {

@@ -374,9 +374,10 @@ Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,
     for (size_t i = 0; i < whole; ++i) {
       SockRecord r;
       std::memcpy(&r, iter_buf_.data() + i * sizeof(SockRecord), sizeof(r));
+      if (r.state == 0) continue;  // progress: it only ends a long read early
       visit(r);
+      ++count;
     }
-    count += whole;
     if (between_reads) {
       consume();
       between_reads();

@@ -318,7 +318,8 @@ struct tcpscope_sock_record {
 	__u16 lport;	  /* host order */
 	__u16 rport;
 	__u8 family;	  /* 4 or 6 */
-	__u8 state;	  /* TCP state (TIME_WAIT for tw socks) */
+	__u8 state;	  /* TCP state (TIME_WAIT for tw socks); 0: a progress
+			     record, no socket (read_sockets drops it) */
 	__u8 substate;	  /* tw_substate for tw socks, else state */
 	__u8 _pad;
 	__u8 laddr[TCPSCOPE_ADDR_LEN];
