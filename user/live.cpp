@@ -367,6 +367,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       spdlog::warn("connection audit failed: {}", got.error().message);
       return;
     }
+    spdlog::debug("connection audit: {} sockets in {} reads, {} us", present.size(),
+                  tracer.last_pass_reads(), (boottime_now_ns() - t0) / 1000);
     tracer.consume();  // a socket gone during the pass: its CLOSE is in by now
     std::sort(present.begin(), present.end());
     std::vector<Event> vanished;

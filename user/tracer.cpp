@@ -360,6 +360,7 @@ Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,
   if (fd < 0) return Error{"bpf_iter_create: " + errno_text(err)};
   if (iter_buf_.size() < 64 * sizeof(SockRecord)) iter_buf_.resize(64 * sizeof(SockRecord));
   size_t have = 0, count = 0;
+  last_pass_reads_ = 0;
   while (true) {
     const ssize_t n = read(fd, iter_buf_.data() + have, iter_buf_.size() - have);
     if (n < 0) {
@@ -369,6 +370,7 @@ Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,
       return Error{"reading iter/tcp: " + errno_text(err)};
     }
     if (n == 0) break;
+    ++last_pass_reads_;
     have += static_cast<size_t>(n);
     const size_t whole = have / sizeof(SockRecord);
     for (size_t i = 0; i < whole; ++i) {

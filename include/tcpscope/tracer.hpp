@@ -153,6 +153,9 @@ class BpfTracer {
   Result<size_t> read_sockets(tcpscope_iter_pass pass,
                               const std::function<void(const SockRecord&)>& visit,
                               const std::function<void()>& between_reads = {});
+  // Reads of the last pass that returned records (progress ones included):
+  // a pass that keeps few sockets still returns every 64 it passes over.
+  size_t last_pass_reads() const { return last_pass_reads_; }
 
  private:
   BpfTracer() = default;
@@ -165,6 +168,7 @@ class BpfTracer {
   std::unique_ptr<RingReader> ring_;
   std::unique_ptr<bpf_link, LinkDeleter> iter_link_;
   std::vector<char> iter_buf_;
+  size_t last_pass_reads_ = 0;
   std::string netns_path_;  // iterators walk this namespace (else ours)
   AttachMode mode_ = AttachMode::TpBtf;
   std::vector<std::string> programs_;
