@@ -188,12 +188,15 @@ struct {
  * after the main one, that the tracepoint calls next for the same firing:
  * the twin does the work if the main program did not run for it. */
 #define NEST_DEPTH 8
+/* An entry this old (in jiffies) is no firing in progress: its twin was
+ * skipped. 4 jiffies are 4-40 ms, far beyond an interrupt's nesting. */
+#define NEST_STALE_JIFFIES 4
 
 /* One firing: the socket and, for set_state, the transition. */
 struct nest_hit {
 	__u64 sk;
-	__u32 states; /* old << 8 | new */
-	__u32 _pad;
+	__u32 states;  /* old << 8 | new */
+	__u32 jiffies; /* when the main program pushed it (low 32 bits) */
 };
 
 /* Per CPU and enum tcpscope_nest_site. */
@@ -201,12 +204,17 @@ struct nest_state {
 	/* 1 while the main program runs: a twin that finds it set runs
 	 * nested inside it, so the kernel skipped the main program. */
 	__u32 busy;
+	/* 1 while the twin runs: the kernel will skip a nested twin, so a
+	 * nested main program pushes nothing for it. */
+	__u32 twin_busy;
 	/* The firings the main program ran for whose twin has not come yet,
 	 * innermost last: this covers the kernel's entry into and exit from
 	 * the main program, where busy is not set. Interrupts nest, so a
 	 * twin's firing is the last entry or lies below entries left by
-	 * nested runs whose own twin the kernel skipped (dropped with it). */
+	 * nested runs whose own twin the kernel skipped where twin_busy was
+	 * not set (its entry and exit): those are dropped with it, or by age. */
 	__u32 depth;
+	__u32 _pad;
 	struct nest_hit hit[NEST_DEPTH];
 };
 
@@ -245,28 +253,49 @@ static __always_inline void drops__inc(__u32 kind)
 		*count += 1;
 }
 
+static __always_inline bool nest__is_fresh(const struct nest_hit *hit, __u32 now)
+{
+	return now - hit->jiffies <= NEST_STALE_JIFFIES;
+}
+
+/* Full: keeps the fresh entries (a firing in progress below ours), drops
+ * the others (skipped twins'). Returns the new depth. */
+static __always_inline __u32 nest__compact(struct nest_state *ns, __u32 now)
+{
+	__u32 kept = 0;
+
+	for (int i = 0; i < NEST_DEPTH; i++) {
+		if (!nest__is_fresh(&ns->hit[i], now))
+			continue;
+		ns->hit[kept & (NEST_DEPTH - 1)] = ns->hit[i];
+		kept++;
+	}
+	return kept < NEST_DEPTH ? kept : 0;
+}
+
 /* The main program of a site runs for this firing. Returns the busy flag to
  * clear when it ends. */
 static __always_inline __u32 *nest__enter(__u32 site, const struct sock *sk,
 					  __u32 states)
 {
 	struct nest_state *ns = bpf_map_lookup_elem(&nest, &site);
-	__u32 d;
+	__u32 d, now;
 
 	if (!ns)
 		return NULL;
+	ns->busy = 1;
+	if (ns->twin_busy)
+		return &ns->busy;
+	now = (__u32)bpf_jiffies64();
 	d = ns->depth;
-	/* Full only of entries whose twin the kernel skipped: start over
-	 * (an outer firing's twin, if any, then repeats its work). */
 	if (d >= NEST_DEPTH)
-		d = 0;
+		d = nest__compact(ns, now);
 	/* Depth first: a run nesting in between pushes above this slot. */
 	ns->depth = d + 1;
 	barrier();
 	ns->hit[d & (NEST_DEPTH - 1)].sk = (__u64)sk;
 	ns->hit[d & (NEST_DEPTH - 1)].states = states;
-	barrier();
-	ns->busy = 1;
+	ns->hit[d & (NEST_DEPTH - 1)].jiffies = now;
 	return &ns->busy;
 }
 
@@ -276,28 +305,33 @@ static __always_inline void nest__leave(__u32 *busy)
 		*busy = 0;
 }
 
-/* In a twin: true if the kernel skipped the main program for this firing. */
-static __always_inline bool nest__main_skipped(__u32 site,
+/* In a twin: NULL if the main program ran for this firing, else the twin's
+ * busy flag, set, to clear (nest__leave) once it has done the work. */
+static __always_inline __u32 *nest__twin_enter(__u32 site,
 					       const struct sock *sk,
 					       __u32 states)
 {
 	struct nest_state *ns = bpf_map_lookup_elem(&nest, &site);
-	__u32 d;
+	__u32 d, now;
 
 	if (!ns)
-		return false;
+		return NULL;
+	ns->twin_busy = 1;
 	if (ns->busy)
-		return true;
+		return &ns->twin_busy;
+	now = (__u32)bpf_jiffies64();
 	d = ns->depth;
 	for (int i = NEST_DEPTH - 1; i >= 0; i--) {
 		if ((__u32)i >= d)
 			continue;
-		if (ns->hit[i].sk == (__u64)sk && ns->hit[i].states == states) {
+		if (ns->hit[i].sk == (__u64)sk && ns->hit[i].states == states &&
+		    nest__is_fresh(&ns->hit[i], now)) {
 			ns->depth = i;
-			return false;
+			ns->twin_busy = 0;
+			return NULL;
 		}
 	}
-	return true;
+	return &ns->twin_busy;
 }
 
 static __always_inline bool addr__is_v4_mapped(const __u8 *a)
@@ -782,12 +816,17 @@ static __always_inline int set_state__nested(const struct sock *sk,
 					     int oldstate, int newstate,
 					     bool btf)
 {
-	if (!nest__main_skipped(TCPSCOPE_NEST_SET_STATE, sk,
-				oldstate << 8 | newstate) ||
-	    !sock__is_tcp(sk, btf))
+	__u32 *twin_busy = nest__twin_enter(TCPSCOPE_NEST_SET_STATE, sk,
+					    oldstate << 8 | newstate);
+
+	if (!twin_busy)
 		return 0;
-	drops__inc(TCPSCOPE_NESTED_STATE);
-	return set_state__handle(sk, oldstate, newstate, btf);
+	if (sock__is_tcp(sk, btf)) {
+		drops__inc(TCPSCOPE_NESTED_STATE);
+		set_state__handle(sk, oldstate, newstate, btf);
+	}
+	nest__leave(twin_busy);
+	return 0;
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -1089,9 +1128,13 @@ static __always_inline int destroy__main(const struct sock *sk)
 
 static __always_inline int destroy__nested(const struct sock *sk)
 {
-	if (!nest__main_skipped(TCPSCOPE_NEST_DESTROY, sk, 0))
+	__u32 *twin_busy = nest__twin_enter(TCPSCOPE_NEST_DESTROY, sk, 0);
+
+	if (!twin_busy)
 		return 0;
-	return destroy__handle(sk);
+	destroy__handle(sk);
+	nest__leave(twin_busy);
+	return 0;
 }
 
 SEC("tp_btf/tcp_destroy_sock")
