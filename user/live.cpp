@@ -275,8 +275,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     // outlasts it): events from before and during the pass go first; a
     // socket that had some is not pre-existing (it may even have left the
     // state seen).
-    auto got = tracer.read_sockets(
-        TCPSCOPE_ITER_ALL, [&socks](const SockRecord& r) { socks.push_back(r); }, [] {});
+    auto got = tracer.read_sockets(TCPSCOPE_ITER_ALL, socks, [] {});
     tracer.consume();
     seen_at_snapshot = nullptr;
     if (!got) {

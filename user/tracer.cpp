@@ -339,9 +339,10 @@ void BpfTracer::handle(void* ctx, const void* data, size_t size) {
   self->on_event_(*static_cast<const Event*>(data));
 }
 
-Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out) {
+Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out,
+                                       const std::function<void()>& between_reads) {
   out.clear();
-  return read_sockets(pass, [&out](const SockRecord& r) { out.push_back(r); });
+  return read_sockets(pass, [&out](const SockRecord& r) { out.push_back(r); }, between_reads);
 }
 
 Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,

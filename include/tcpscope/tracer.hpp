@@ -144,7 +144,9 @@ class BpfTracer {
   bool has_sock_iter() const { return iter_link_ != nullptr; }
   // One pass of iter/tcp over the sockets of a kind (timewait, CLOSE_WAIT or
   // all). The filters apply as for events. Reuses out's storage.
-  Result<size_t> read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out);
+  // between_reads: as below.
+  Result<size_t> read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out,
+                              const std::function<void()>& between_reads = {});
   // The same, each record handed to visit as it is read (no copy of a
   // large pass). With between_reads: also deliver the queued events after
   // each read, then call it, so that a long pass (100,000 tw socks take

@@ -13,7 +13,6 @@
 #include <cstdio>
 #include <cstring>
 #include <set>
-#include <thread>
 
 #include "harness.hpp"
 
@@ -220,17 +219,16 @@ TEST_F(AuditTest, PassOverManyTimeWaitsReturnsInManyReads) {
   Tracer tracer;
   ASSERT_TRUE(tracer.start(ns, {"--audit-interval", "0.1", "-v"})) << tracer.diagnostics();
   unsigned long sockets = 0, reads = 0;
-  const auto deadline = std::chrono::steady_clock::now() + 10s;
-  bool seen = false;
-  while (!seen && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(50ms);
-    const std::string err = tracer.stderr_text();
-    const auto at = err.rfind("connection audit: ");
-    seen = at != std::string::npos &&
-           std::sscanf(err.c_str() + at, "connection audit: %lu sockets in %lu reads", &sockets,
-                       &reads) == 2;
-  }
-  ASSERT_TRUE(seen) << tracer.diagnostics();
+  ASSERT_TRUE(wait_until(
+      [&] {
+        const std::string err = tracer.stderr_text();
+        const auto at = err.rfind("connection audit: ");
+        return at != std::string::npos &&
+               std::sscanf(err.c_str() + at, "connection audit: %lu sockets in %lu reads",
+                           &sockets, &reads) == 2;
+      },
+      10000ms, 50ms))
+      << tracer.diagnostics();
   ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();
   // Nothing but tw socks (passed over): without progress records the whole
   // walk is one read, and it returns nothing.

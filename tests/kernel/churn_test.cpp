@@ -5,7 +5,6 @@
 
 #include <cerrno>
 #include <set>
-#include <thread>
 
 #include "harness.hpp"
 
@@ -139,11 +138,10 @@ TEST_F(ChurnTest, FullRateChurnLosesNoTransition) {
   // should hold.
   ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path()}, 30000ms, false))
       << rec.diagnostics();
-  const auto deadline = std::chrono::steady_clock::now() + 30s;
-  while (rec.stderr_text().find("recording to") == std::string::npos &&
-         std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(20ms);
-  ASSERT_NE(rec.stderr_text().find("recording to"), std::string::npos) << rec.diagnostics();
+  ASSERT_TRUE(wait_until(
+      [&] { return rec.stderr_text().find("recording to") != std::string::npos; }, 30000ms,
+      20ms))
+      << rec.diagnostics();
 
   const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", "4", "--clients", "4", "--servers", "2"},
                              60000ms);

@@ -77,8 +77,6 @@ struct CmdResult {
   std::string err;  // stderr
 };
 
-// Runs argv (PATH lookup) with stdin from /dev/null, killing it by pid after
-// timeout.
 // The tcpscope binary under test.
 const char* tcpscope_binary();
 
@@ -96,6 +94,8 @@ class TempDir {
   std::filesystem::path path_;
 };
 
+// Runs argv (PATH lookup) with stdin from /dev/null, killing it by pid after
+// timeout.
 CmdResult run_cmd(const std::vector<std::string>& argv, Millis timeout = 10000ms);
 
 // Writes "what" to stderr-like test output on failure: argv joined.
