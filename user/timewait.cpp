@@ -353,6 +353,10 @@ void TimeWaitAnalyzer::on_timer(const Event& e, NoticeOut& out) {
   Tw* tw = find(e);
   switch (e.type) {
     case TCPSCOPE_EV_TW_START:
+      // A start without a cookie matched by tuple to a sighting that has
+      // one is not its re-arm: a sweep named a new tw sock by a cookie of
+      // its making (see sighting_named_by_cookie) after this start.
+      if (tw && !e.conn && tw->conn && !tw->entered_ns && !is_private_id(tw->conn)) tw = nullptr;
       if (tw) {
         // Re-armed: a retransmitted FIN restarted TIME_WAIT.
         tw->cancel_ns = 0;
@@ -527,7 +531,9 @@ void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
                               bool preexisting) {
   EndpointStats* ep = nullptr;
   uint8_t substate = tw.substate;
-  if (Tw* existing = open_find(tw.conn)) {
+  Tw* existing = open_find(tw.conn);
+  if (!existing && !preexisting) existing = sighting_named_by_cookie(tw);
+  if (existing) {
     // Seen by a sweep before its CLOSE event was read (and so counted as
     // pre-existing): it entered during the trace, now we know when.
     Tw& have = *existing;
@@ -571,6 +577,21 @@ void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
   out.notice(n);
 }
 
+TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::sighting_named_by_cookie(const Tw& tw) {
+  // With private ids (the raw_tp and tracepoint flavours) a sweep that reads
+  // a tw sock between its hashing and the CLOSE that gives its tuple our id
+  // names it by a cookie it makes, and takes it for one older than the
+  // trace. A tuple holds one tw sock at a time: that sighting is this one.
+  if (!open_count_ || !is_private_id(tw.conn)) return nullptr;
+  const uint64_t h = tw.tuple_hash ? tw.tuple_hash : TupleIndex::hash_of(tw.tuple);
+  Tw* seen = open_find_tuple(tw.tuple, h);
+  if (!seen || seen->entered_ns || is_private_id(seen->conn)) return nullptr;
+  open_by_conn_.erase(CookieHash{}(seen->conn), seen->slot);
+  seen->conn = tw.conn;
+  open_by_conn_.insert(CookieHash{}(seen->conn), seen->slot);
+  return seen;
+}
+
 void TimeWaitAnalyzer::on_tw_seen(const Event& e, NoticeOut& out) {
   if (Tw* tw = find(e)) {
     tw->substate = e.new_state;
@@ -581,9 +602,16 @@ void TimeWaitAnalyzer::on_tw_seen(const Event& e, NoticeOut& out) {
     if (timers_) enter_unarmed(e, out);
     return;  // else not ours (filtered out)
   }
+  const TupleKey k = TupleKey::of(e);
+  const uint64_t h = TupleIndex::hash_of(k);
+  // A tw sock of the trace, already known by our id or by its timer's
+  // start, and named here by a cookie the sweep made (see
+  // sighting_named_by_cookie): not one from before the trace.
+  if (open_find_tuple(k, h) || armed_.find(k, h) != armed_.end()) return;
   Tw tw;
   tw.conn = e.conn;
-  tw.tuple = TupleKey::of(e);
+  tw.tuple = k;
+  tw.tuple_hash = h;
   tw.substate = e.new_state;
   tw.expires_ns = e.aux;
   tw.client = is_ephemeral(e.lport);

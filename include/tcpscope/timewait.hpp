@@ -221,6 +221,11 @@ class TimeWaitAnalyzer final : public Analyzer {
   // A sweep saw the tw sock of a connection whose CLOSE found no tw timer
   // armed: the timer's record was lost. Enters it now; true if it was one.
   bool enter_unarmed(const Event& e, NoticeOut& out);
+  // The open tw a sweep saw on tw's tuple by a cookie before tw's CLOSE
+  // named it, renamed to tw.conn; null if none.
+  Tw* sighting_named_by_cookie(const Tw& tw);
+  // An id the BPF side made for a socket without a cookie (top bit set).
+  static bool is_private_id(uint64_t conn) { return conn >> 63; }
   void on_tw_gone(const Event& e, NoticeOut& out);
   void on_new_connection(const Tracked& t, NoticeOut& out);
   void on_reset_sent(const Event& e, NoticeOut& out);

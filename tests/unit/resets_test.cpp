@@ -61,7 +61,7 @@ class Collector : public Sink {
 
 // A pipeline with the TIME_WAIT analysis the reset analysis consults.
 struct Rig {
-  explicit Rig(bool timers = true) {
+  explicit Rig(bool timers = true, bool sweeps = false) {
     auto tw = std::make_unique<TimeWaitAnalyzer>(10);
     auto rs = std::make_unique<ResetAnalyzer>(tw.get(), 10);
     resets = rs.get();
@@ -72,7 +72,7 @@ struct Rig {
     Event cfg = Ev(TCPSCOPE_EV_CONFIG, 1, 0);
     cfg.reason = 32768;
     cfg.seg_len = 60999;
-    cfg.aux = timers ? TCPSCOPE_CONFIG_TW_TIMERS : 0;
+    cfg.aux = (timers ? TCPSCOPE_CONFIG_TW_TIMERS : 0) | (sweeps ? TCPSCOPE_CONFIG_TW_SWEEP : 0);
     p.process(cfg);
   }
   void run(std::initializer_list<Event> evs) {
@@ -237,6 +237,105 @@ TEST(TimeWaitAnalyzer, SweepSightingOfAStrangerUndoesNoSkip) {
   const json t = r.time_wait_report();
   EXPECT_EQ(t.at("skipped"), 1) << t.dump();
   EXPECT_EQ(t.at("timer_starts_lost"), 0) << t.dump();
+}
+
+// ---- a sweep that names a tw sock before its CLOSE does (private ids) -------------
+
+// Without BTF-typed arguments the BPF side gives a socket without a cookie an
+// id of its own (top bit set), and names its tw sock by tuple from the CLOSE
+// on. A sweep reading the tw sock before that CLOSE makes it a cookie.
+constexpr uint64_t kPrivateId = (1ull << 63) | 1;
+constexpr uint64_t kSweepCookie = 77;
+
+void private_client_closes(Rig& r) {
+  r.run({Client(State(ms(1), kPrivateId, kTcpClose, kTcpSynSent)),
+         Client(State(ms(2), kPrivateId, kTcpSynSent, kTcpEstablished)),
+         Client(State(ms(10), kPrivateId, kTcpEstablished, kTcpFinWait1)),
+         Client(State(ms(11), kPrivateId, kTcpFinWait1, kTcpFinWait2))});
+}
+Ev PrivateClose() { return Client(State(ms(11) + 200, kPrivateId, kTcpFinWait2, kTcpClose)); }
+// The tw timer armed in the hash dance, before any cookie was made.
+Ev StartWithoutCookie() {
+  return Ev(TCPSCOPE_EV_TW_START, ms(11) + 100, 0).states(0, kTcpTimeWait).aux(ms(60'011));
+}
+Ev CookieSighting(uint64_t ts, bool initial = true) {
+  return Ev(TCPSCOPE_EV_TW_SEEN, ts, kSweepCookie)
+      .states(kTcpTimeWait, kTcpTimeWait)
+      .aux(ms(60'011))
+      .sk_flags(TCPSCOPE_SK_TIMEWAIT | (initial ? TCPSCOPE_SK_SNAPSHOT : 0));
+}
+// The next sweep finds the tw sock by our id, not by the cookie.
+Ev CookieGone(uint64_t ts) {
+  return Ev(TCPSCOPE_EV_TW_GONE, ts, kSweepCookie)
+      .states(kTcpTimeWait, kTcpTimeWait)
+      .aux(ms(60'011))
+      .seg_len(100'000)
+      .sk_flags(TCPSCOPE_SK_TIMEWAIT);
+}
+
+// One TIME_WAIT entered at the CLOSE, under our id, still open; nothing
+// taken for older than the trace or ended.
+void expect_one_tw_of_the_trace(const Rig& r) {
+  const auto enters = r.sink.of("time_wait_enter");
+  ASSERT_EQ(enters.size(), 1u);
+  EXPECT_EQ(enters[0].conn, kPrivateId);
+  EXPECT_EQ(enters[0].ts_ns, ms(11) + 200);
+  EXPECT_TRUE(r.sink.of("time_wait_end").empty());
+  const json t = r.time_wait_report();
+  EXPECT_EQ(t.at("entered"), 1) << t.dump();
+  EXPECT_EQ(t.at("preexisting"), 0) << t.dump();
+  EXPECT_EQ(t.at("open"), 1) << t.dump();
+  EXPECT_EQ(t.at("skipped"), 0) << t.dump();
+  for (const auto& [cause, n] : t.at("ended").items()) EXPECT_EQ(n, 0) << cause;
+}
+
+TEST(TimeWaitAnalyzer, CookieSightingAfterTheTimerStartIsTheArmedTwSock) {
+  Rig r;
+  private_client_closes(r);
+  r.run({StartWithoutCookie(), CookieSighting(ms(11) + 150), PrivateClose(),
+         CookieGone(ms(1000)), End(ms(1100))});
+  expect_one_tw_of_the_trace(r);
+}
+
+// The sighting read before the start: the start is not taken for its re-arm.
+TEST(TimeWaitAnalyzer, CookieSightingBeforeTheTimerStartIsRenamedAtTheClose) {
+  Rig r;
+  private_client_closes(r);
+  r.run({CookieSighting(ms(11) + 50), StartWithoutCookie(), PrivateClose(),
+         CookieGone(ms(1000)), End(ms(1100))});
+  expect_one_tw_of_the_trace(r);
+}
+
+TEST(TimeWaitAnalyzer, CookieSightingAfterTheCloseIsTheSameTwSock) {
+  Rig r;
+  private_client_closes(r);
+  r.run({StartWithoutCookie(), PrivateClose(), CookieSighting(ms(11) + 300),
+         CookieGone(ms(1000)), End(ms(1100))});
+  expect_one_tw_of_the_trace(r);
+}
+
+// Without tw timers the next sweep's sighting under our id enters it.
+TEST(TimeWaitAnalyzer, CookieSightingBeforeTheCloseIsRenamedBySweeps) {
+  Rig r(false, true);
+  private_client_closes(r);
+  Event ours = CookieSighting(ms(1000), false);
+  ours.conn = kPrivateId;
+  r.run({CookieSighting(ms(11) + 50), PrivateClose(), ours, CookieGone(ms(1000)),
+         End(ms(1100))});
+  expect_one_tw_of_the_trace(r);
+}
+
+// A tw sock that predates the trace, on another tuple, stays one.
+TEST(TimeWaitAnalyzer, CookieSightingOnAnotherTupleStaysPreexisting) {
+  Rig r;
+  private_client_closes(r);
+  Event older = CookieSighting(ms(11) + 50);
+  older.lport = 40001;
+  r.run({older, StartWithoutCookie(), PrivateClose(), End(ms(1100))});
+  const json t = r.time_wait_report();
+  EXPECT_EQ(t.at("entered"), 1) << t.dump();
+  EXPECT_EQ(t.at("preexisting"), 1) << t.dump();
+  EXPECT_EQ(t.at("open"), 2) << t.dump();
 }
 
 // ---- the seed scenario, both pairing orders ---------------------------------------
