@@ -320,9 +320,15 @@ TEST_P(TimeWaitTest, BucketsZeroSkipsEvery) {
       ASSERT_TRUE(a.valid());
       const uint16_t cport = local_port(c.get());
       cports.insert(cport);
-      a.reset();
+      // Half-closed first, closed in FIN_WAIT2: close() itself calls
+      // tcp_time_wait(), which finds no bucket. (Closed in ESTABLISHED, the
+      // FIN's ACK could reach the socket while close() still held its lock;
+      // backlogged, it left an orphan in FIN_WAIT2 on a 60 s timer.)
+      ASSERT_EQ(::shutdown(a.get(), SHUT_WR), 0) << std::strerror(errno);
       ASSERT_TRUE(read_eof(c.get()));
-      // No tw sock: the server socket is gone as soon as its FIN is acked.
+      ASSERT_TRUE(wait_ss_state(ns, sport, cport, "FIN-WAIT-2")) << ns.exec({"ss", "-tanoe"}).out;
+      a.reset();
+      // No tw sock: the server socket is gone at once.
       ASSERT_TRUE(wait_until([&] { return ss_find(ss_sockets(ns), sport, cport).empty(); }))
           << ns.exec({"ss", "-tanoe"}).out;
       c.reset();  // its FIN draws a RST (no socket)
@@ -733,6 +739,19 @@ TEST_P(TimeWaitTest, SweepSeesEveryTimeWait) {
   EXPECT_EQ(t.at("open"), ss_count) << t.dump();
   EXPECT_EQ(t.at("end_method").at("sweep_max_sockets"), ss_count) << t.dump();
   expect_ended(t, "expired", 0);
+  if (HasFailure()) {
+    // Which tw socks ended, and what else the trace saw of their tuples.
+    std::set<uint16_t> odd_ports;
+    for (const auto& e : tracer.events("time_wait_end")) {
+      ADD_FAILURE() << "ended: " << e.dump();
+      odd_ports.insert(e.at("rport").get<uint16_t>());
+    }
+    for (const auto& e : tracer.lines())
+      if (e.contains("rport") && odd_ports.count(e.at("rport").get<uint16_t>()))
+        ADD_FAILURE() << "same tuple: " << e.dump();
+    for (const auto& type : {"reset_sent", "reset_received", "lost"})
+      for (const auto& e : tracer.events(type)) ADD_FAILURE() << e.dump();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, TimeWaitTest,
