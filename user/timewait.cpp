@@ -702,6 +702,16 @@ void TimeWaitAnalyzer::end(Tw& open, uint64_t end_ns, EndCause cause, std::strin
   const Tw tw = open;
   const uint64_t conn = tw.conn;
   open_erase(open);
+  if (tw.cancel_ns) {
+    // Its cancel needs no lookup a second from now: a recycling SYN or a
+    // reusing connect() follows the cancel at once, so it is among the last.
+    const size_t n = cancels_.size();
+    for (size_t i = n; i-- > 0 && n - i <= 4;) {
+      if (cancels_[i].second != conn || cancels_[i].first != tw.cancel_ns) continue;
+      cancels_.erase(cancels_.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
+  }
 
   ++ended_[static_cast<int>(cause)];
   set_fate(tw.tuple, cause == EndCause::Expired ? Fate::Expired : Fate::Killed, end_ns, conn,
