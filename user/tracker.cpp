@@ -235,6 +235,12 @@ Tracked Tracker::apply(const Event& ev) {
     out.conn = &slot(i);
     return out;
   }
+  if (ev.type == TCPSCOPE_EV_TW_START || ev.type == TCPSCOPE_EV_TW_CANCEL ||
+      ev.type == TCPSCOPE_EV_TW_EXPIRE || ev.type == TCPSCOPE_EV_TW_SEEN ||
+      ev.type == TCPSCOPE_EV_TW_GONE) {
+    close_replaced(ev, out);
+    return out;
+  }
   // Only the socket's own events make its lifecycle; tw timer and sweep
   // records describe the timewait sock that replaced it.
   const bool socket_event = ev.type == TCPSCOPE_EV_STATE || ev.type == TCPSCOPE_EV_RETRANSMIT ||
@@ -322,6 +328,29 @@ Tracked Tracker::apply(const Event& ev) {
   }
   out.conn = c;
   return out;
+}
+
+void Tracker::close_replaced(const Event& ev, Tracked& out) {
+  if (ev.conn == 0) return;
+  const uint32_t i = slot_of(ev.conn);
+  if (i == kNoSlot) return;
+  Connection& c = slot(i);
+  if (c.is_closed() || c.open_kind == OpenKind::Listen) return;
+  // Its tw timer is armed just before the CLOSE, and a sweep or a kill may
+  // come upon the tw sock in between: from FIN_WAIT2 or CLOSING, only a
+  // record well after that instant says the CLOSE was lost.
+  constexpr uint64_t kCloseFollowsNs = 1'000'000'000;
+  if ((c.state == kTcpFinWait2 || c.state == kTcpClosing) &&
+      (ev.type == TCPSCOPE_EV_TW_START || ev.ts_ns < c.state_since_ns + kCloseFollowsNs))
+    return;
+  // A tw sock took this socket's place and we never saw it leave: the
+  // transitions in between were lost (under churn the kernel now and then
+  // calls none of our programs for a socket's last transitions and its tw
+  // timer, and counts no recursion miss). It closed, by now at the latest.
+  out.gap = true;
+  c.closed_ns = ev.ts_ns;
+  c.close_from = c.state;
+  closing_.push_back(ref(ev.ts_ns, i));
 }
 
 bool Tracker::lost_opening(const Event& ev) const {

@@ -163,6 +163,9 @@ class Tracker {
   void expire(uint64_t now_ns);
   void finalize(Connection& c);
   void enforce_cap();
+  // A tw sock record (timer or sweep) of a connection that still looks open
+  // and is not about to close: its close was lost; it ends, with a gap.
+  void close_replaced(const Event& ev, Tracked& out);
 
   static void take_owner(Connection& c, const Event& ev);
   Connection* lookup(uint64_t id);

@@ -274,6 +274,51 @@ TEST(Tracker, VanishedEndsTheConnection) {
             (V8{kTcpListen, kTcpSynRecv, kTcpEstablished, kTcpFinWait1}));
 }
 
+// A tw sock record naming a connection that still looks open: the kernel ran
+// none of our programs for its last transitions (seen under churn: FIN_WAIT1,
+// then only its tw sock's cancel). It ends at that record, with a gap.
+TEST(Tracker, TimewaitRecordOfAnOpenConnectionEndsItWithAGap) {
+  Recorder r;
+  r.run({State(ms(1), 630, kTcpListen, kTcpSynRecv),
+         State(ms(2), 630, kTcpSynRecv, kTcpEstablished),
+         State(ms(3), 630, kTcpEstablished, kTcpFinWait1)});
+  const Tracked t = r.apply(Ev(TCPSCOPE_EV_TW_CANCEL, ms(300), 630).states(kTcpTimeWait, kTcpTimeWait));
+  EXPECT_TRUE(t.gap);
+  const Connection* c = r.tracker.find(630);
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(c->closed_ns, ms(300));
+  EXPECT_EQ(c->close_from, kTcpFinWait1);
+  // Closed already: the next record changes nothing.
+  EXPECT_FALSE(r.apply(Ev(TCPSCOPE_EV_TW_GONE, ms(400), 630)).gap);
+  r.apply(State(ms(2000), 631, kTcpClose, kTcpSynSent));  // past the grace
+  ASSERT_EQ(r.ended.size(), 1u);
+  EXPECT_EQ(r.ended[0].close_kind, CloseKind::ActiveClose);
+}
+
+// From FIN_WAIT2 or CLOSING the timer is armed just before the CLOSE, and a
+// sweep may find the tw sock in between: only a record a second later says
+// the CLOSE was lost. Unknown ids and listeners are left alone.
+TEST(Tracker, TimewaitRecordJustBeforeTheCloseIsNoGap) {
+  Recorder r;
+  r.run({State(ms(1), 640, kTcpClose, kTcpSynSent),
+         State(ms(2), 640, kTcpSynSent, kTcpEstablished),
+         State(ms(3), 640, kTcpEstablished, kTcpFinWait1),
+         State(ms(4), 640, kTcpFinWait1, kTcpFinWait2),
+         State(ms(5), 641, kTcpClose, kTcpListen)});
+  auto gap = [&](uint8_t type, uint64_t ts, uint64_t conn) {
+    return r.apply(Ev(type, ts, conn).states(kTcpTimeWait, kTcpTimeWait)).gap;
+  };
+  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_START, ms(5), 640));
+  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(6), 640));
+  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(7), 641));  // a listener
+  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(8), 642));  // unknown
+  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_START, ms(2000), 640));  // a start is armed before
+  EXPECT_FALSE(r.tracker.find(640)->is_closed());
+  EXPECT_TRUE(gap(TCPSCOPE_EV_TW_EXPIRE, ms(60'004), 640));
+  EXPECT_EQ(r.tracker.find(640)->close_from, kTcpFinWait2);
+  EXPECT_FALSE(r.tracker.find(641)->is_closed());
+}
+
 // The audit judges only settled, open connections of the namespace walked,
 // with cookie ids, and finds those the pass did not see.
 TEST(Audit, FindsOnlySettledOpenConnectionsMissingFromThePass) {
