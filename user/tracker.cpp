@@ -374,7 +374,8 @@ void Tracker::expire(uint64_t now_ns) {
   // the ones a few places ahead while this one is finalized.
   constexpr size_t kAhead = 4;
   while (!closing_.empty() && closing_.front().ts_ns + limits_.close_grace_ns < now_ns) {
-    if (closing_.size() > kAhead) {
+    // (A stale entry's slot may lie in a chunk given back.)
+    if (closing_.size() > kAhead && !stale(closing_[kAhead])) {
       const auto* ahead = reinterpret_cast<const char*>(&slot(closing_[kAhead].slot));
       for (size_t line = 0; line < sizeof(Connection); line += 64)
         __builtin_prefetch(ahead + line);

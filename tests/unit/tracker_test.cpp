@@ -282,7 +282,8 @@ TEST(Tracker, TimewaitRecordOfAnOpenConnectionEndsItWithAGap) {
   r.run({State(ms(1), 630, kTcpListen, kTcpSynRecv),
          State(ms(2), 630, kTcpSynRecv, kTcpEstablished),
          State(ms(3), 630, kTcpEstablished, kTcpFinWait1)});
-  const Tracked t = r.apply(Ev(TCPSCOPE_EV_TW_CANCEL, ms(300), 630).states(kTcpTimeWait, kTcpTimeWait));
+  const Tracked t =
+      r.apply(Ev(TCPSCOPE_EV_TW_CANCEL, ms(300), 630).states(kTcpTimeWait, kTcpTimeWait));
   EXPECT_TRUE(t.gap);
   const Connection* c = r.tracker.find(630);
   ASSERT_NE(c, nullptr);
