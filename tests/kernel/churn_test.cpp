@@ -169,8 +169,9 @@ TEST_F(ChurnTest, FullRateChurnLosesNoTransition) {
   // A transition reported twice shows as a gap. Known and not ours to fix:
   // now and then the kernel runs none of our programs for a socket's later
   // transitions (its tw timer start included) and counts no miss either
-  // (README, "How it works"): a gap, or a connection left open (a live
-  // trace's audit reports it vanished). About 1 in 50,000 connections here.
+  // (README, "How it works"): a gap when its tw sock's next record ends it
+  // (a live trace's audit may report it vanished first), or a connection
+  // left open if none came before the end. About 1 in 50,000 connections.
   EXPECT_LE(r.at("lost_gaps").get<uint64_t>() + by_close.at("open"), conns / 10000) << r.dump();
 }
 
