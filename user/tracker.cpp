@@ -336,12 +336,15 @@ void Tracker::close_replaced(const Event& ev, Tracked& out) {
   if (i == kNoSlot) return;
   Connection& c = slot(i);
   if (c.is_closed() || c.open_kind == OpenKind::Listen) return;
-  // Its tw timer is armed just before the CLOSE, and a sweep or a kill may
-  // come upon the tw sock in between: from FIN_WAIT2 or CLOSING, only a
-  // record well after that instant says the CLOSE was lost.
+  // Its tw timer is armed just before the CLOSE, and a sweep may read the
+  // tw sock in between (its sighting then comes before the CLOSE, however
+  // long the socket sat in FIN_WAIT2). A kill in between is rarer still:
+  // from FIN_WAIT2 or CLOSING only a cancel, expiry or disappearance a
+  // second after the state was entered says the CLOSE was lost.
   constexpr uint64_t kCloseFollowsNs = 1'000'000'000;
   if ((c.state == kTcpFinWait2 || c.state == kTcpClosing) &&
-      (ev.type == TCPSCOPE_EV_TW_START || ev.ts_ns < c.state_since_ns + kCloseFollowsNs))
+      (ev.type == TCPSCOPE_EV_TW_START || ev.type == TCPSCOPE_EV_TW_SEEN ||
+       ev.ts_ns < c.state_since_ns + kCloseFollowsNs))
     return;
   // A tw sock took this socket's place and we never saw it leave: the
   // transitions in between were lost (under churn the kernel now and then

@@ -297,8 +297,9 @@ TEST(Tracker, TimewaitRecordOfAnOpenConnectionEndsItWithAGap) {
 }
 
 // From FIN_WAIT2 or CLOSING the timer is armed just before the CLOSE, and a
-// sweep may find the tw sock in between: only a record a second later says
-// the CLOSE was lost. Unknown ids and listeners are left alone.
+// sweep may find the tw sock in between: only a cancel, expiry or
+// disappearance a second later says the CLOSE was lost. Unknown ids and
+// listeners are left alone.
 TEST(Tracker, TimewaitRecordJustBeforeTheCloseIsNoGap) {
   Recorder r;
   r.run({State(ms(1), 640, kTcpClose, kTcpSynSent),
@@ -314,6 +315,7 @@ TEST(Tracker, TimewaitRecordJustBeforeTheCloseIsNoGap) {
   EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(7), 641));  // a listener
   EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(8), 642));  // unknown
   EXPECT_FALSE(gap(TCPSCOPE_EV_TW_START, ms(2000), 640));  // a start is armed before
+  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(3000), 640));   // a sweep may read it before
   EXPECT_FALSE(r.tracker.find(640)->is_closed());
   EXPECT_TRUE(gap(TCPSCOPE_EV_TW_EXPIRE, ms(60'004), 640));
   EXPECT_EQ(r.tracker.find(640)->close_from, kTcpFinWait2);
