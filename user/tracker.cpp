@@ -221,9 +221,7 @@ Tracked Tracker::apply(const Event& ev) {
     if (i == kNoSlot || slot(i).is_closed()) return out;
     Connection& c = slot(i);
     c.vanished = true;
-    c.closed_ns = ev.ts_ns;
-    c.close_from = c.state;
-    closing_.push_back(ref(ev.ts_ns, i));
+    mark_closed(i, ev.ts_ns, c.state);
     out.conn = &c;
     return out;
   }
@@ -292,10 +290,8 @@ Tracked Tracker::apply(const Event& ev) {
       if (!fresh && c->state != 0 && c->state != ev.old_state) out.gap = true;
       record_state(*c, ev.new_state, ev.ts_ns);
       if (ev.new_state == kTcpClose && !c->is_closed()) {
-        c->closed_ns = ev.ts_ns;
-        c->close_from = ev.old_state;
         c->close_sk_flags = ev.sk_flags;
-        closing_.push_back(ref(ev.ts_ns, slot_index));
+        mark_closed(slot_index, ev.ts_ns, ev.old_state);
       }
       break;
     }
@@ -351,9 +347,14 @@ void Tracker::close_replaced(const Event& ev, Tracked& out) {
   // calls none of our programs for a socket's last transitions and its tw
   // timer, and counts no recursion miss). It closed, by now at the latest.
   out.gap = true;
-  c.closed_ns = ev.ts_ns;
-  c.close_from = c.state;
-  closing_.push_back(ref(ev.ts_ns, i));
+  mark_closed(i, ev.ts_ns, c.state);
+}
+
+void Tracker::mark_closed(uint32_t slot_index, uint64_t ts_ns, uint8_t from) {
+  Connection& c = slot(slot_index);
+  c.closed_ns = ts_ns;
+  c.close_from = from;
+  closing_.push_back(ref(ts_ns, slot_index));
 }
 
 bool Tracker::lost_opening(const Event& ev) const {

@@ -166,6 +166,9 @@ class Tracker {
   // A tw sock record (timer or sweep) of a connection that still looks open
   // and is not about to close: its close was lost; it ends, with a gap.
   void close_replaced(const Event& ev, Tracked& out);
+  // The connection in the slot ended at ts_ns, leaving state from: final
+  // once the close grace has passed (expire).
+  void mark_closed(uint32_t slot_index, uint64_t ts_ns, uint8_t from);
 
   static void take_owner(Connection& c, const Event& ev);
   Connection* lookup(uint64_t id);
