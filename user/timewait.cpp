@@ -708,7 +708,7 @@ void TimeWaitAnalyzer::end(Tw& open, uint64_t end_ns, EndCause cause, std::strin
     const size_t n = cancels_.size();
     for (size_t i = n; i-- > 0 && n - i <= 4;) {
       if (cancels_[i].second != conn || cancels_[i].first != tw.cancel_ns) continue;
-      cancels_.erase(cancels_.begin() + static_cast<std::ptrdiff_t>(i));
+      cancels_.erase_at(i);
       break;
     }
   }

@@ -396,7 +396,7 @@ void Tracker::expire(uint64_t now_ns) {
 void Tracker::enforce_cap() {
   // An entry is stale once its connection ended or started again.
   if (started_.size() > size() + size() / 4 + 1024)
-    std::erase_if(started_, [this](const LifecycleRef& r) { return stale(r); });
+    started_.erase_if([this](const LifecycleRef& r) { return stale(r); });
   while (size() > limits_.max_connections) {
     if (!closing_.empty()) {
       expire(closing_.front().ts_ns + limits_.close_grace_ns + 1);

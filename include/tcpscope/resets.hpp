@@ -68,7 +68,7 @@ class ResetAnalyzer final : public Analyzer {
   const TimeWaitAnalyzer* tw_;
   int top_n_;
   std::unordered_map<TupleKey, Closed, TupleKeyHash> closed_;
-  std::deque<std::pair<uint64_t, TupleKey>> closed_order_;
+  Fifo<std::pair<uint64_t, TupleKey>> closed_order_;
   // Resets sent recently, by the tuple of the socket that will receive them
   // (our tuple reversed), to pair with the peer's reset_received.
   struct Sent {
@@ -77,7 +77,7 @@ class ResetAnalyzer final : public Analyzer {
     size_t late_fin = SIZE_MAX;  // index in late_fins_
   };
   std::unordered_map<TupleKey, Sent, TupleKeyHash> sent_;
-  std::deque<std::pair<uint64_t, TupleKey>> sent_order_;
+  Fifo<std::pair<uint64_t, TupleKey>> sent_order_;
 
   // A reset_received whose reset_sent may still come: on loopback the RST
   // is delivered inside the sender's call, before its tracepoint fires.

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "tcpscope/fifo.hpp"
 #include "tcpscope/flat_hash_map.hpp"
 #include "tcpscope/slab.hpp"
 #include "tcpscope/histogram.hpp"
@@ -266,8 +267,8 @@ class TimeWaitAnalyzer final : public Analyzer {
   HandleIndex open_by_conn_;
   HandleIndex open_by_tuple_;
   FlatHashMap<TupleKey, Armed, TupleKeyHash> armed_;
-  std::deque<TupleAt> armed_order_;
-  std::deque<std::pair<uint64_t, uint64_t>> cancels_;  // (cancel_ns, conn)
+  Fifo<TupleAt> armed_order_;
+  Fifo<std::pair<uint64_t, uint64_t>> cancels_;  // (cancel_ns, conn)
   std::unordered_map<uint64_t, PendingEntry> pending_;  // by conn
   std::deque<uint64_t> pending_order_;
   // Fates are written for every tw sock that ends but read only to explain
@@ -276,7 +277,7 @@ class TimeWaitAnalyzer final : public Analyzer {
     TupleKey tuple;
     FateInfo info;
   };
-  std::deque<FateRecord> fate_log_;  // oldest first
+  Fifo<FateRecord> fate_log_;  // oldest first
   uint64_t fate_log_first_ = 0;      // sequence number of fate_log_.front()
   mutable TupleIndex fate_index_;    // tuple -> sequence number of its latest
   mutable uint64_t fate_indexed_ = 0;  // records before this one are indexed

@@ -5,13 +5,13 @@
 
 #include <array>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <string_view>
 #include <vector>
 
 #include "tcpscope/event.hpp"
+#include "tcpscope/fifo.hpp"
 #include "tcpscope/flat_hash_map.hpp"
 #include "tcpscope/slab.hpp"
 
@@ -198,8 +198,8 @@ class Tracker {
   ChunkedSlab<Connection> slab_;
   HandleIndex index_;  // cookie -> slot
   std::vector<uint32_t> generations_;  // per slot: lifecycles begun or ended
-  std::deque<LifecycleRef> closing_;   // by closed_ns
-  std::deque<LifecycleRef> started_;   // by first_ns
+  Fifo<LifecycleRef> closing_;   // by closed_ns
+  Fifo<LifecycleRef> started_;   // by first_ns
   uint64_t evicted_ = 0;
   uint64_t last_ns_ = 0;
   // When the start-up snapshot ended (TCPSCOPE_EV_SNAPSHOT_END), 0 before
