@@ -451,6 +451,9 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   }
   const uint64_t end_ns = boottime_now_ns();
   check_lost(end_ns);
+  if (reported_skipped)
+    spdlog::warn("{} runs the kernel skipped were not redone; runs skipped: {}", reported_skipped,
+                 tracer.skipped_runs_by_program());
   // Our own overhead, as a record: a capture's report shows it too.
   const Event stats =
       overhead_record(tracer, end_ns, reported_lost + (resets ? resets->missing() : 0));

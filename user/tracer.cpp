@@ -16,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "tcpscope.skel.h"
@@ -262,7 +263,10 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     t->programs_.push_back(bpf_program__name(p));
     t->prog_fds_.push_back(bpf_program__fd(p));
   }
-  for (bpf_program* p : lossy) t->lossy_prog_fds_.push_back(bpf_program__fd(p));
+  for (bpf_program* p : lossy) {
+    t->lossy_prog_fds_.push_back(bpf_program__fd(p));
+    t->lossy_prog_names_.push_back(bpf_program__name(p));
+  }
   t->send_reset_fd_ = bpf_program__fd(set.send_reset);
 
   if (with_iter) {
@@ -481,6 +485,21 @@ uint64_t BpfTracer::skipped_runs() const {
   // errs low (a twin's run of a later miss), never high.
   const uint64_t done_by_twin = drops(TCPSCOPE_NESTED_STATE);
   return missed > done_by_twin ? missed - done_by_twin : 0;
+}
+
+std::string BpfTracer::skipped_runs_by_program() const {
+  std::string out;
+  for (size_t i = 0; i < lossy_prog_fds_.size(); ++i) {
+    bpf_prog_info info{};
+    uint32_t len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(lossy_prog_fds_[i], &info, &len) != 0 || !info.recursion_misses)
+      continue;
+    out += fmt::format("{}{} {}", out.empty() ? "" : ", ", lossy_prog_names_[i],
+                       static_cast<uint64_t>(info.recursion_misses));
+  }
+  if (!out.empty())
+    out += fmt::format(" (the twin did {})", drops(TCPSCOPE_NESTED_STATE));
+  return out;
 }
 
 int BpfTracer::epoll_fd() const { return ring_->epoll_fd(); }

@@ -123,6 +123,9 @@ class BpfTracer {
   // hits the same tracepoint is not re-entered) and no twin did instead.
   // Counted whether or not the BPF statistics are on.
   uint64_t skipped_runs() const;
+  // Which programs those skipped runs were of, for the log: "name N, ...",
+  // with how many the set_state twin did; empty if none was skipped.
+  std::string skipped_runs_by_program() const;
   // Resets sent whose record is known lost (ring buffer full, or a run of
   // the tcp_send_reset program the kernel skipped), in every namespace.
   uint64_t lost_resets_counted() const;
@@ -180,6 +183,7 @@ class BpfTracer {
   uint64_t events_ = 0;
   std::vector<int> prog_fds_;  // attached programs (owned by skel_)
   std::vector<int> lossy_prog_fds_;  // those whose skipped runs lose events
+  std::vector<std::string> lossy_prog_names_;  // and their names
   int send_reset_fd_ = -1;
   std::unique_ptr<BpfStatsGuard> stats_;
   bool stats_wanted_ = false;     // --no-bpf-stats not given
