@@ -247,12 +247,15 @@ void LostAnalyzer::on_event(const Tracked& t, NoticeOut&) {
   if (t.gap) ++gaps_;
   if (t.ev->type != TCPSCOPE_EV_LOST) return;
   lost_ += t.ev->conn;
-  skipped_ += std::min(t.ev->aux, t.ev->conn);  // a capture may say otherwise
+  const uint64_t skipped = std::min(t.ev->aux, t.ev->conn);  // a capture may say otherwise
+  skipped_ += skipped;
+  if (t.ev->reason == TCPSCOPE_EV_RESET_SENT) resets_missing_ += skipped;
 }
 
 void LostAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
   w.member("lost_events", lost_);
   w.member("lost_kernel_skipped", skipped_);
+  w.member("lost_resets_missing", resets_missing_);
   w.member("lost_vanished", vanished_);
   w.member("lost_gaps", gaps_);
 }
@@ -263,11 +266,16 @@ void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
   fmt::format_to(o, "\nLost events: {}\n", lost_);
   if (lost_ > skipped_)
     fmt::format_to(o, "  {} ring buffer full: raise --ring-size\n", lost_ - skipped_);
-  if (skipped_)
+  if (skipped_ > resets_missing_)
     fmt::format_to(o,
                    "  {} runs of tcpscope's programs the kernel skipped (an interrupt "
                    "hit the tracepoint again while one ran); their socket is unknown\n",
-                   skipped_);
+                   skipped_ - resets_missing_);
+  if (resets_missing_)
+    fmt::format_to(o,
+                   "  {} resets the kernel counted as sent (OutRsts) that no record "
+                   "reported\n",
+                   resets_missing_);
   if (vanished_)
     fmt::format_to(o,
                    "  {} connections vanished: gone from the kernel's socket table at an audit, "

@@ -90,6 +90,9 @@ class LostAnalyzer final : public Analyzer {
  private:
   uint64_t lost_ = 0;
   uint64_t skipped_ = 0;  // part of lost_
+  // Part of skipped_: resets the kernel counted as sent (OutRsts) in the
+  // traced namespace that no record came for.
+  uint64_t resets_missing_ = 0;
   // Connections an audit found gone with their end unseen; their lost
   // events are not in lost_ (how many, and whether a skipped run was one
   // of them, is unknown).
