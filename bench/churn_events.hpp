@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "tcpscope/event.hpp"
+#include "tcpscope/output.hpp"
+#include "tcpscope/pipeline.hpp"
 #include "tcpscope/tracker.hpp"
 
 namespace tcpscope::churn {
@@ -116,5 +118,32 @@ inline std::vector<Event> make_churn(size_t n) {
   for_each_churn_event(n, [&v](const Event& e) { v.push_back(e); });
   return v;
 }
+
+enum class SinkKind { None, Json, Table };
+
+// The default analyzers and one sink writing to fd, flushed in chunks as a
+// live trace does.
+class ChurnPipeline {
+ public:
+  ChurnPipeline(int fd, SinkKind kind)
+      : out_(fd, 1 << 20), time_(1'700'000'000'000'000'000ll), json_(out_, time_),
+        table_(out_, time_) {
+    pipeline_.add_default_analyzers(10);
+    if (kind == SinkKind::Json) pipeline_.add_sink(&json_);
+    if (kind == SinkKind::Table) pipeline_.add_sink(&table_);
+  }
+  void process(const Event& e) {
+    pipeline_.process(e);
+    out_.maybe_flush();
+  }
+  void finish(uint64_t end_ns) { pipeline_.finish(end_ns); }
+
+ private:
+  FdWriter out_;
+  TimeFormatter time_;
+  JsonLinesSink json_;
+  TableSink table_;
+  Pipeline pipeline_;
+};
 
 }  // namespace tcpscope::churn

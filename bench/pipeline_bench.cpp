@@ -33,21 +33,14 @@ const std::vector<Event>& churn_events() {
   return events;
 }
 
-enum class SinkKind { None, Json, Table };
+using churn::SinkKind;
 
 void run(benchmark::State& st, SinkKind kind) {
   const auto& events = churn_events();
   const int devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
   uint64_t processed = 0;
   for (auto _ : st) {
-    FdWriter out(devnull, 1 << 20);
-    TimeFormatter time(1'700'000'000'000'000'000ll);
-    JsonLinesSink json(out, time);
-    TableSink table(out, time);
-    Pipeline p;
-    p.add_default_analyzers(10);
-    if (kind == SinkKind::Json) p.add_sink(&json);
-    if (kind == SinkKind::Table) p.add_sink(&table);
+    churn::ChurnPipeline p(devnull, kind);
     for (const Event& e : events) p.process(e);
     p.finish(events.back().ts_ns + 1);
     processed += events.size();

@@ -13,7 +13,38 @@ namespace {
 
 constexpr int kConnections = 1000;
 
-class ChurnTest : public KernelTest {};
+class ChurnTest : public KernelTest {
+ protected:
+  // Records bench/churn for `seconds` in a fresh namespace (a capture, not
+  // live JSON: a million lines are more than this harness should hold),
+  // then reads the capture's report. Fatal failures end the test.
+  void record_churn(const std::vector<std::string>& extra, int seconds, Tracer& rec,
+                    uint64_t& conns, json& report) {
+    NetNs ns({"net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"});
+    TempDir dir;
+    const std::string file = dir.file("churn.cap");
+    std::vector<std::string> args = {"record", "-o", file, "--netns", ns.path()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    ASSERT_TRUE(rec.start_raw(args, 30000ms, false)) << rec.diagnostics();
+    ASSERT_TRUE(wait_until(
+        [&] { return rec.stderr_text().find("recording to") != std::string::npos; }, 30000ms,
+        20ms))
+        << rec.diagnostics();
+    const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", std::to_string(seconds), "--clients",
+                                "4", "--servers", "2"},
+                               60000ms);
+    ASSERT_EQ(churn.status, 0) << churn.err;
+    ASSERT_EQ(std::sscanf(churn.out.c_str(), "conns %lu", &conns), 1) << churn.out;
+    ASSERT_EQ(rec.stop(), 0) << rec.diagnostics();
+    // The report only: every event of the capture is printed before it.
+    const auto rep = run_cmd({"sh", "-c", std::string(tcpscope_binary()) + " report --json " +
+                                              file + " | tail -n 1"},
+                             120000ms);
+    ASSERT_EQ(rep.status, 0) << rep.err;
+    report = json::parse(rep.out);
+    ASSERT_EQ(report.value("type", ""), "report") << rep.out.substr(0, 2000);
+  }
+};
 
 TEST_F(ChurnTest, ThousandConnectionsAllTracedNoneLost) {
   // No connect-side TIME_WAIT reuse: every client gets its own port and
@@ -130,34 +161,11 @@ TEST_F(ChurnTest, ThousandConnectionsAllTracedNoneLost) {
 // no transition lost, none reported twice (a doubled one is a gap). The old
 // twin, which only knew whether the main program was busy, lost 5-30.
 TEST_F(ChurnTest, FullRateChurnLosesNoTransition) {
-  NetNs ns({"net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"});
-  TempDir dir;
-  const std::string file = dir.file("churn.cap");
   Tracer rec;
-  // A capture, not live JSON: a million lines are more than this harness
-  // should hold.
-  ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path()}, 30000ms, false))
-      << rec.diagnostics();
-  ASSERT_TRUE(wait_until(
-      [&] { return rec.stderr_text().find("recording to") != std::string::npos; }, 30000ms,
-      20ms))
-      << rec.diagnostics();
-
-  const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", "4", "--clients", "4", "--servers", "2"},
-                             60000ms);
-  ASSERT_EQ(churn.status, 0) << churn.err;
   uint64_t conns = 0;
-  ASSERT_EQ(std::sscanf(churn.out.c_str(), "conns %lu", &conns), 1) << churn.out;
-  ASSERT_GT(conns, 10000u) << churn.out;
-  ASSERT_EQ(rec.stop(), 0) << rec.diagnostics();
-
-  // The report only: every event of the capture is printed before it.
-  const auto rep = run_cmd({"sh", "-c", std::string(tcpscope_binary()) + " report --json " + file +
-                                            " | tail -n 1"},
-                           120000ms);
-  ASSERT_EQ(rep.status, 0) << rep.err;
-  const json r = json::parse(rep.out);
-  ASSERT_EQ(r.value("type", ""), "report") << rep.out.substr(0, 2000);
+  json r;
+  ASSERT_NO_FATAL_FAILURE(record_churn({}, 4, rec, conns, r));
+  ASSERT_GT(conns, 10000u);
   const auto by_open = counts(r, "by_open");
   const auto by_close = counts(r, "by_close");
   // Every run the kernel skipped was done by a twin, and the ring kept up.
@@ -189,27 +197,10 @@ TEST_F(ChurnTest, FullRateChurnLosesNoTransition) {
 // programs (bpf_prog_info recursion_misses, read again then, so at least
 // as many).
 TEST_F(ChurnTest, SkippedRunsAreNamedByProgram) {
-  NetNs ns({"net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"});
-  TempDir dir;
-  const std::string file = dir.file("churn.cap");
   Tracer rec;
-  ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--attach", "tracepoint", "--netns",
-                             ns.path()},
-                            30000ms, false))
-      << rec.diagnostics();
-  ASSERT_TRUE(wait_until(
-      [&] { return rec.stderr_text().find("recording to") != std::string::npos; }, 30000ms,
-      20ms))
-      << rec.diagnostics();
-  const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", "2", "--clients", "4", "--servers", "2"},
-                             60000ms);
-  ASSERT_EQ(churn.status, 0) << churn.err;
-  ASSERT_EQ(rec.stop(), 0) << rec.diagnostics();
-  const auto rep = run_cmd({"sh", "-c", std::string(tcpscope_binary()) + " report --json " + file +
-                                            " | tail -n 1"},
-                           120000ms);
-  ASSERT_EQ(rep.status, 0) << rep.err;
-  const json r = json::parse(rep.out);
+  uint64_t conns = 0;
+  json r;
+  ASSERT_NO_FATAL_FAILURE(record_churn({"--attach", "tracepoint"}, 2, rec, conns, r));
   // Not the resets found missing by the kernel's count: no program is known.
   const uint64_t skipped =
       r.at("lost_kernel_skipped").get<uint64_t>() - r.at("lost_resets_missing").get<uint64_t>();

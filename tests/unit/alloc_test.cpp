@@ -35,7 +35,7 @@ void operator delete(void* p, std::size_t) noexcept { release(p); }
 namespace tcpscope {
 namespace {
 
-enum class SinkKind { None, Json, Table };
+using churn::SinkKind;
 
 std::string sink_name(const testing::TestParamInfo<SinkKind>& info) {
   switch (info.param) {
@@ -56,14 +56,7 @@ TEST_P(SteadyChurn, AllocatesNothingPerEvent) {
   ASSERT_GE(devnull, 0);
   uint64_t counted_events = 0, last_ts = 0;
   {
-    FdWriter out(devnull, 1 << 20);
-    TimeFormatter time(1'700'000'000'000'000'000ll);
-    JsonLinesSink json(out, time);
-    TableSink table(out, time);
-    Pipeline p;
-    p.add_default_analyzers(10);
-    if (GetParam() == SinkKind::Json) p.add_sink(&json);
-    if (GetParam() == SinkKind::Table) p.add_sink(&table);
+    churn::ChurnPipeline p(devnull, GetParam());
     uint64_t conns = 0;
     churn::for_each_churn_event(kWarmConns + kMeasuredConns, [&](const Event& e) {
       if (e.type == TCPSCOPE_EV_STATE && e.old_state == kTcpClose &&
@@ -71,7 +64,6 @@ TEST_P(SteadyChurn, AllocatesNothingPerEvent) {
         counting = true;
       if (counting) ++counted_events;
       p.process(e);
-      out.maybe_flush();
       last_ts = e.ts_ns;
     });
     counting = false;
