@@ -119,10 +119,10 @@ start_tracer() {
 	fi
 }
 
-# Stops it; sets st="cpu_s rss_kib lost bpf_ns_per_event" (not in a
-# subshell: wait needs the tracer to be our child).
+# Stops it; sets st="cpu_s rss_kib lost bpf_ns_per_event ring_peak_fill_pct"
+# (not in a subshell: wait needs the tracer to be our child).
 stop_tracer() {
-	st="- - - -"
+	st="- - - - -"
 	[[ -z $tracer_pid ]] && return
 	local stat hwm ticks
 	stat=$(cat "/proc/$tracer_pid/stat")
@@ -131,11 +131,12 @@ stop_tracer() {
 	wait "$tracer_pid" || true
 	tracer_pid=
 	ticks=$(echo "$stat" | sed 's/.*) //' | awk '{print $12 + $13}')
-	local cpu lost bpf
+	local cpu lost bpf fill
 	cpu=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}')
 	lost=$(sed -n 's/.* lost \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
 	bpf=$(sed -n 's/.* bpf_ns_per_event \([0-9.]*\).*/\1/p' "$OUT/stats" | tail -1)
-	st="$cpu $hwm ${lost:--} ${bpf:--}"
+	fill=$(sed -n 's/.* ring_peak_fill_pct \([0-9.]*\).*/\1/p' "$OUT/stats" | tail -1)
+	st="$cpu $hwm ${lost:--} ${bpf:--} ${fill:--}"
 }
 
 run_one() {
@@ -147,7 +148,7 @@ run_one() {
 	rate=$(echo "$line" | awk '{print $6}')
 	stop_tracer
 	printf '%s\t%s\t%s\t%s\n' "$round" "$mode" "$rate" "${st// /$'\t'}" >>"$results"
-	printf 'round %s %-20s %8s conn/s  cpu_s/rss_kib/lost/bpf_ns %s\n' "$round" "$mode" "$rate" "$st" >&2
+	printf 'round %s %-20s %8s conn/s  cpu_s/rss_kib/lost/bpf_ns/ring%% %s\n' "$round" "$mode" "$rate" "$st" >&2
 	ip netns del "$ns"
 }
 
@@ -169,11 +170,12 @@ awk -F'\t' '
 	{ rate[$2, ++n[$2]] = $3; base[$1] = ($2 == "none") ? $3 : base[$1]
 	  round[$2, n[$2]] = $1; cpu[$2, n[$2]] = $4; rss[$2, n[$2]] = $5
 	  if ($6 != "-") lost[$2] += $6; else lost[$2] = lost[$2] ""
-	  bpf[$2, n[$2]] = $7; if (!($2 in seen)) { seen[$2] = 1; order[++m] = $2 } }
+	  bpf[$2, n[$2]] = $7; if ($8 != "-" && (!(($2) in fill) || $8 > fill[$2])) fill[$2] = $8
+	  if (!($2 in seen)) { seen[$2] = 1; order[++m] = $2 } }
 	END {
 		for (i = 1; i <= m; ++i) for (k = 1; k <= n[order[i]]; ++k) if (order[i] == "none") b[++nb] = rate["none", k]
 		bm = nb ? median(b, nb) : 0
-		printf "%-20s %10s %8s %10s %8s %9s %8s %12s\n", "mode", "conn/s", "ratio", "ratio/rnd", "lost", "cpu_s", "rss_MiB", "bpf_ns/ev"
+		printf "%-20s %10s %8s %10s %8s %9s %8s %12s %7s\n", "mode", "conn/s", "ratio", "ratio/rnd", "lost", "cpu_s", "rss_MiB", "bpf_ns/ev", "ring%"
 		for (i = 1; i <= m; ++i) {
 			mo = order[i]; c = n[mo]
 			delete r; delete q; delete cp; delete rs; delete bp; nq = 0; nbp = 0
@@ -183,17 +185,18 @@ awk -F'\t' '
 				if (bpf[mo, k] != "-") bp[++nbp] = bpf[mo, k]
 			}
 			med = median(r, c)
-			printf "%-20s %10.0f %8s %10s %8s %9s %8s %12s\n", mo, med,
+			printf "%-20s %10.0f %8s %10s %8s %9s %8s %12s %7s\n", mo, med,
 				bm ? sprintf("%.3f", med / bm) : "-", nq ? sprintf("%.3f", median(q, nq)) : "-",
 				lost[mo] == "" ? "-" : lost[mo], cp[1] == "-" ? "-" : sprintf("%.2f", median(cp, c)),
 				rs[1] == "-" ? "-" : sprintf("%.1f", median(rs, c) / 1024),
-				nbp ? sprintf("%.0f", median(bp, nbp)) : "-"
+				nbp ? sprintf("%.0f", median(bp, nbp)) : "-", (mo in fill) ? fill[mo] : "-"
 		}
 	}' "$results"
 echo "ratio: median conn/s over the median with no tracer; ratio/rnd: median of each"
 echo "run over the no-tracer run of its round; lost: events tcpscope lost, all runs;"
 echo "cpu_s: the tracer's CPU time (user+sys) per run; rss: its peak RSS;"
-echo "bpf_ns/ev: tcpscope's BPF run time per event delivered (kernel.bpf_stats)."
+echo "bpf_ns/ev: tcpscope's BPF run time per event delivered (kernel.bpf_stats);"
+echo "ring%: the fullest tcpscope found its ring buffer, all runs (100: records lost)."
 
 if [[ $MEMORY == 1 ]]; then
 	echo

@@ -117,16 +117,19 @@ Event overhead_record(const BpfTracer& tracer, uint64_t now, uint64_t lost) {
 }
 
 // --stats: one line on stderr, for scripts (scripts/bench.sh parses it).
-void print_overhead(const Event& s) {
+// ring_fill: the fullest the ring was found (fraction); read_gap_ns: how
+// long it had not been read then.
+void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns) {
   const StatsFigures f = stats_figures(s);
   const double per_event = f.bpf_ns_per_event, per_run = f.bpf_ns_per_run,
                cpu_per_event = f.cpu_ns_per_event;
   fmt::print(stderr,
              "tcpscope: stats: events {} lost {} bpf_runs {} bpf_ns {} bpf_ns_per_event {:.1f} "
              "bpf_ns_per_run {:.1f} user_cpu_s {:.3f} sys_cpu_s {:.3f} cpu_ns_per_event {:.0f} "
-             "max_rss_kib {} owners_not_kept {}{}\n",
+             "max_rss_kib {} owners_not_kept {} ring_peak_fill_pct {:.1f} "
+             "ring_peak_unread_ms {:.1f}{}\n",
              s.sk, s.cgroup, s.conn, s.aux, per_event, per_run, s.reason / 1e3, s.seg_len / 1e3,
-             cpu_per_event, s.rx_queue, s.netns,
+             cpu_per_event, s.rx_queue, s.netns, ring_fill * 100, read_gap_ns / 1e6,
              (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
 }
 
@@ -458,7 +461,13 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   const Event stats =
       overhead_record(tracer, end_ns, reported_lost + (resets ? resets->missing() : 0));
   consume(stats);
-  if (cfg_.print_stats) print_overhead(stats);
+  if (const uint64_t full = tracer.drops(TCPSCOPE_DROP_RINGBUF))
+    spdlog::warn("{} records lost with the ring buffer full: it was found up to {:.0f}% full, "
+                 "then after {:.0f} ms without a read; raise --ring-size (now {} KiB)",
+                 full, tracer.ring_peak_fill() * 100, tracer.ring_peak_read_gap_ns() / 1e6,
+                 cfg_.ring_bytes / 1024);
+  if (cfg_.print_stats)
+    print_overhead(stats, tracer.ring_peak_fill(), tracer.ring_peak_read_gap_ns());
   Event end{};
   end.type = TCPSCOPE_EV_END;
   end.ts_ns = end_ns;

@@ -51,9 +51,10 @@ uint64_t RingReader::drain(Callback cb, void* ctx) {
   uint64_t cons = __atomic_load_n(consumer_pos, __ATOMIC_RELAXED);
   uint64_t handed = 0;
   uint32_t unpublished = 0;
-  for (;;) {
+  for (bool first = true;; first = false) {
     const uint64_t prod = __atomic_load_n(producer_pos, __ATOMIC_ACQUIRE);
     if (cons >= prod) break;
+    if (first && prod - cons > peak_pending_) peak_pending_ = prod - cons;
     bool busy = false;
     while (cons < prod) {
       const auto* hdr = reinterpret_cast<const uint32_t*>(data + (cons & mask_));

@@ -20,6 +20,7 @@
 #include <spdlog/spdlog.h>
 
 #include "tcpscope.skel.h"
+#include "tcpscope/format.hpp"
 
 namespace tcpscope {
 
@@ -505,8 +506,18 @@ std::string BpfTracer::skipped_runs_by_program() const {
 int BpfTracer::epoll_fd() const { return ring_->epoll_fd(); }
 
 int BpfTracer::consume() {
+  // From one read's start to the next: the records the ring must hold came
+  // in meanwhile, while the last batch was processed or the consumer waited.
+  const uint64_t now = boottime_now_ns(), peak = ring_->peak_pending_bytes();
   const uint64_t n = ring_->drain(&BpfTracer::handle, this);
+  if (ring_->peak_pending_bytes() > peak && last_read_ns_) peak_read_gap_ns_ = now - last_read_ns_;
+  last_read_ns_ = now;
   return static_cast<int>(std::min<uint64_t>(n, INT_MAX));
+}
+
+double BpfTracer::ring_peak_fill() const {
+  return static_cast<double>(ring_->peak_pending_bytes()) /
+         static_cast<double>(ring_->size_bytes());
 }
 
 uint64_t BpfTracer::drops(int kind) const {

@@ -34,6 +34,10 @@ class RingReader {
   // new consumer position; stops at the first record still being written.
   // Returns the records handed.
   uint64_t drain(Callback cb, void* ctx);
+  // The most bytes of records a drain found waiting, and the ring's size:
+  // how close the consumer came to losing records.
+  uint64_t peak_pending_bytes() const { return peak_pending_; }
+  uint64_t size_bytes() const { return mask_ + 1; }
 
  private:
   RingReader() = default;
@@ -44,6 +48,7 @@ class RingReader {
                                    // twice (records read across the end)
   size_t page_size_ = 0, producer_map_len_ = 0;
   uint64_t mask_ = 0;
+  uint64_t peak_pending_ = 0;
 };
 
 }  // namespace tcpscope

@@ -131,6 +131,11 @@ class BpfTracer {
   uint64_t lost_resets_counted() const;
   // Records the ring buffer delivered with a size other than Event's.
   uint64_t malformed() const { return malformed_; }
+  // How near the consumer came to losing records: the fullest the ring was
+  // found (a fraction of its size), and how long it had not been read then
+  // (ns).
+  double ring_peak_fill() const;
+  uint64_t ring_peak_read_gap_ns() const { return peak_read_gap_ns_; }
   // Records delivered by the ring buffer so far.
   uint64_t events() const { return events_; }
   // Our programs' BPF run time so far (bpf_prog_info), if stats are on.
@@ -180,6 +185,7 @@ class BpfTracer {
   std::vector<std::string> fallbacks_;
   EventFn on_event_;
   uint64_t malformed_ = 0;
+  uint64_t last_read_ns_ = 0, peak_read_gap_ns_ = 0;
   uint64_t events_ = 0;
   std::vector<int> prog_fds_;  // attached programs (owned by skel_)
   std::vector<int> lossy_prog_fds_;  // those whose skipped runs lose events

@@ -175,7 +175,9 @@ TEST_F(ChurnTest, FullRateChurnLosesNoTransition) {
   const uint64_t resets_missing = r.at("lost_resets_missing").get<uint64_t>();
   EXPECT_EQ(r.at("lost_kernel_skipped").get<uint64_t>() - resets_missing, 0u)
       << rec.diagnostics() << r.dump();
-  EXPECT_EQ(ring_full_losses(r), 0u) << r.dump();
+  // (On failure, the log says how full the ring got and how long it went
+  // unread then.)
+  EXPECT_EQ(ring_full_losses(r), 0u) << rec.diagnostics() << r.dump();
   EXPECT_EQ(by_open.at("active"), conns) << r.dump();
   EXPECT_EQ(by_open.at("passive"), conns) << r.dump();
   EXPECT_EQ(by_open.at("unknown"), 0u) << r.dump();
@@ -232,6 +234,29 @@ TEST_F(ChurnTest, SkippedRunsAreNamedByProgram) {
     pos = space + 1 + used + 2;  // past ", "
   }
   EXPECT_GE(named, skipped) << list;
+}
+
+// A ring of 8 KiB (some 60 records) cannot hold a full churn between two
+// reads: records are lost, counted, and the log says how full the ring was
+// found and after how long unread, and what to raise.
+TEST_F(ChurnTest, RingFullLossesAreExplained) {
+  Tracer rec;
+  uint64_t conns = 0;
+  json r;
+  ASSERT_NO_FATAL_FAILURE(record_churn({"--ring-size", "8K"}, 1, rec, conns, r));
+  const uint64_t lost = ring_full_losses(r);
+  ASSERT_GT(lost, 0u) << r.dump();
+  const std::string log = rec.stderr_text();
+  const std::string line = std::to_string(lost) + " records lost with the ring buffer full: it " +
+                           "was found up to ";
+  const size_t at = log.find(line);
+  ASSERT_NE(at, std::string::npos) << log;
+  const std::string rest = log.substr(at + line.size(), log.find('\n', at) - at - line.size());
+  // "100% full, then after 3 ms without a read; raise --ring-size (now 8 KiB)"
+  EXPECT_GE(std::stoi(rest), 90) << rest;
+  EXPECT_NE(rest.find("% full, then after "), std::string::npos) << rest;
+  EXPECT_NE(rest.find(" ms without a read; raise --ring-size (now 8 KiB)"), std::string::npos)
+      << rest;
 }
 
 }  // namespace

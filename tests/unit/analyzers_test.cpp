@@ -237,14 +237,18 @@ TEST(LostAnalyzer, SumsLostRecords) {
   t.ev = &lost2;
   a.on_event(t, out);
   EXPECT_EQ(a.lost(), 8u);
-  EXPECT_EQ(json_of(a), R"({"lost_events":8,"lost_kernel_skipped":1,"lost_resets_missing":0,"lost_vanished":0,"lost_gaps":0})");
+  EXPECT_EQ(json_of(a),
+            R"({"lost_events":8,"lost_kernel_skipped":1,"lost_resets_missing":0,)"
+            R"("lost_vanished":0,"lost_gaps":0})");
   EXPECT_EQ(text_of(a),
             "\nLost events: 8\n  7 ring buffer full: raise --ring-size\n  1 runs of tcpscope's "
             "programs the kernel skipped (an interrupt hit the tracepoint again while one "
             "ran); their socket is unknown\n");
   LostAnalyzer none;
   EXPECT_EQ(text_of(none), "\nLost events: 0\n");
-  EXPECT_EQ(json_of(none), R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,"lost_vanished":0,"lost_gaps":0})");
+  EXPECT_EQ(json_of(none),
+            R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
+            R"("lost_vanished":0,"lost_gaps":0})");
 }
 
 // Vanished connections are counted apart from lost events: how many events
@@ -261,7 +265,9 @@ TEST(LostAnalyzer, CountsVanishedConnectionsApart) {
   t.conn = nullptr;
   a.on_event(t, out);
   EXPECT_EQ(a.lost(), 0u);
-  EXPECT_EQ(json_of(a), R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,"lost_vanished":1,"lost_gaps":0})");
+  EXPECT_EQ(json_of(a),
+            R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
+            R"("lost_vanished":1,"lost_gaps":0})");
   EXPECT_EQ(text_of(a),
             "\nLost events: 0\n  1 connections vanished: gone from the kernel's socket table "
             "at an audit, their last events never seen\n");
@@ -277,7 +283,8 @@ TEST(LostAnalyzer, CountsGaps) {
   t.gap = true;
   a.on_event(t, out);
   EXPECT_EQ(json_of(a),
-            R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,"lost_vanished":0,"lost_gaps":1})");
+            R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
+            R"("lost_vanished":0,"lost_gaps":1})");
   EXPECT_EQ(text_of(a),
             "\nLost events: 0\n  1 transitions from another state than the last one seen, or "
             "retransmits past the kernel's count: those between were lost\n");
@@ -292,7 +299,9 @@ TEST(LostAnalyzer, SkippedNeverExceedsLost) {
   Tracked t;
   t.ev = &bad;
   a.on_event(t, out);
-  EXPECT_EQ(json_of(a), R"({"lost_events":2,"lost_kernel_skipped":2,"lost_resets_missing":0,"lost_vanished":0,"lost_gaps":0})");
+  EXPECT_EQ(json_of(a),
+            R"({"lost_events":2,"lost_kernel_skipped":2,"lost_resets_missing":0,)"
+            R"("lost_vanished":0,"lost_gaps":0})");
 }
 
 // Resets the kernel counted as sent with no record (reason RESET_SENT) are
@@ -446,7 +455,8 @@ TEST(Pipeline, EveryKindReport) {
             R"("rport":80,"pid":42,"comm":"curl","count":2,"fin":1,)"
             R"("first":"1970-01-01T00:00:00.003000000Z","last":"1970-01-01T00:00:00.011000000Z",)"
             R"("last_state":"FIN_WAIT1","states":["ESTABLISHED","FIN_WAIT1"]}]},)"
-            R"("lost_events":8,"lost_kernel_skipped":0,"lost_resets_missing":0,"lost_vanished":0,"lost_gaps":0})");
+            R"("lost_events":8,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
+            R"("lost_vanished":0,"lost_gaps":0})");
   EXPECT_TRUE(json::accept(got));
 
   // Processing after the end changes nothing.
