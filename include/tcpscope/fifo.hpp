@@ -37,10 +37,13 @@ class Fifo {
 
   template <typename... Args>
   T& emplace_back(Args&&... args) {
-    if (size_ == cap_) resize(cap_ ? 2 * cap_ : kMinCapacity);
-    T* p = new (&buf_[(head_ + size_) & (cap_ - 1)].value) T(std::forward<Args>(args)...);
-    ++size_;
-    return *p;
+    if (size_ == cap_) {
+      // Built before the buffer moves: args may refer to an element.
+      T v(std::forward<Args>(args)...);
+      resize(cap_ ? 2 * cap_ : kMinCapacity);
+      return place_back(std::move(v));
+    }
+    return place_back(std::forward<Args>(args)...);
   }
   void push_back(const T& v) { emplace_back(v); }
   void push_back(T&& v) { emplace_back(std::move(v)); }
@@ -93,6 +96,12 @@ class Fifo {
     T value;
   };
 
+  template <typename... Args>
+  T& place_back(Args&&... args) {
+    T* p = new (&buf_[(head_ + size_) & (cap_ - 1)].value) T(std::forward<Args>(args)...);
+    ++size_;
+    return *p;
+  }
   T& at(size_t i) { return buf_[(head_ + i) & (cap_ - 1)].value; }
   const T& at(size_t i) const { return buf_[(head_ + i) & (cap_ - 1)].value; }
 

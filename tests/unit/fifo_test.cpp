@@ -5,6 +5,7 @@
 #include <deque>
 #include <memory>
 #include <random>
+#include <string>
 
 namespace tcpscope {
 namespace {
@@ -47,6 +48,18 @@ TEST(Fifo, BehavesLikeADeque) {
     }
   }
   for (size_t i = 0; i < model.size(); ++i) ASSERT_EQ(*fifo[i], model[i]);
+}
+
+// Pushing one of its own elements while full: the copy is made before the
+// buffer moves.
+TEST(Fifo, PushesItsOwnElementWhileGrowing) {
+  Fifo<std::string> fifo;
+  for (int i = 0; i < 64; ++i) fifo.push_back(std::string(40, static_cast<char>('a' + i % 26)));
+  ASSERT_EQ(fifo.size(), fifo.capacity());
+  fifo.push_back(fifo.front());
+  fifo.emplace_back(fifo[1]);
+  EXPECT_EQ(fifo[64], std::string(40, 'a'));
+  EXPECT_EQ(fifo[65], std::string(40, 'b'));
 }
 
 TEST(Fifo, ReusesItsBufferAndGivesBackABurst) {
