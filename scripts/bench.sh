@@ -148,6 +148,13 @@ run_one() {
 	rate=$(echo "$line" | awk '{print $6}')
 	stop_tracer
 	printf '%s\t%s\t%s\t%s\n' "$round" "$mode" "$rate" "${st// /$'\t'}" >>"$results"
+	# What tcpscope said of events it lost (how full its ring got, and
+	# after how long unread; which programs' runs the kernel skipped).
+	local lost_now
+	lost_now=$(echo "$st" | awk '{print $3}')
+	if [[ $lost_now != - && $lost_now != 0 ]]; then
+		grep -h 'warning' "$OUT/stats" | sed "s/^/round $round $mode: /" >>"$OUT/warnings" || true
+	fi
 	printf 'round %s %-20s %8s conn/s  cpu_s/rss_kib/lost/bpf_ns/ring%% %s\n' "$round" "$mode" "$rate" "$st" >&2
 	ip netns del "$ns"
 }
@@ -197,6 +204,10 @@ echo "run over the no-tracer run of its round; lost: events tcpscope lost, all r
 echo "cpu_s: the tracer's CPU time (user+sys) per run; rss: its peak RSS;"
 echo "bpf_ns/ev: tcpscope's BPF run time per event delivered (kernel.bpf_stats);"
 echo "ring%: the fullest tcpscope found its ring buffer, all runs (100: records lost)."
+if [[ -s $OUT/warnings ]]; then
+	echo "What tcpscope said of the events it lost:"
+	cat "$OUT/warnings"
+fi
 
 if [[ $MEMORY == 1 ]]; then
 	echo
