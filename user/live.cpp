@@ -193,10 +193,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     holders.observe(e);
     consume(e);
   };
-  uint64_t resets_missing = 0;
-  auto report_missing_resets = [&consume, &resets_missing](uint64_t missing, uint64_t now) {
+  auto report_missing_resets = [&consume](uint64_t missing, uint64_t now) {
     if (!missing) return;
-    resets_missing += missing;
     Event e{};
     e.type = TCPSCOPE_EV_LOST;
     e.ts_ns = now;
@@ -456,9 +454,9 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   }
   const uint64_t end_ns = boottime_now_ns();
   check_lost(end_ns);
-  if (resets_missing)
+  if (resets && resets->missing())
     spdlog::warn("{} resets the kernel counted as sent (OutRsts) came with no record",
-                 resets_missing);
+                 resets->missing());
   if (reported_skipped)
     spdlog::warn("{} runs the kernel skipped were not redone; runs skipped: {}", reported_skipped,
                  tracer.skipped_runs_by_program());

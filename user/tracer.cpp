@@ -13,6 +13,7 @@
 #include <climits>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -446,15 +447,20 @@ void BpfTracer::sample_stats(bool on) {
 }
 
 namespace {
-// Calls fn with the kernel's bpf_prog_info of each program (those it cannot
-// read are left out).
+// The kernel's bpf_prog_info of a program; nullopt if it cannot be read.
+std::optional<bpf_prog_info> prog_info(int fd) {
+  bpf_prog_info info{};
+  uint32_t len = sizeof(info);
+  if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) return std::nullopt;
+  return info;
+}
+
+// Calls fn with the bpf_prog_info of each program (those whose info cannot
+// be read are left out).
 template <typename Fn>
 void for_each_prog_info(const std::vector<int>& fds, Fn&& fn) {
-  for (int fd : fds) {
-    bpf_prog_info info{};
-    uint32_t len = sizeof(info);
-    if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0) fn(info);
-  }
+  for (int fd : fds)
+    if (const auto info = prog_info(fd)) fn(*info);
 }
 }  // namespace
 
@@ -491,12 +497,10 @@ uint64_t BpfTracer::skipped_runs() const {
 std::string BpfTracer::skipped_runs_by_program() const {
   std::string out;
   for (size_t i = 0; i < lossy_prog_fds_.size(); ++i) {
-    bpf_prog_info info{};
-    uint32_t len = sizeof(info);
-    if (bpf_obj_get_info_by_fd(lossy_prog_fds_[i], &info, &len) != 0 || !info.recursion_misses)
-      continue;
+    const auto info = prog_info(lossy_prog_fds_[i]);
+    if (!info || !info->recursion_misses) continue;
     out += fmt::format("{}{} {}", out.empty() ? "" : ", ", lossy_prog_names_[i],
-                       static_cast<uint64_t>(info.recursion_misses));
+                       static_cast<uint64_t>(info->recursion_misses));
   }
   if (!out.empty())
     out += fmt::format(" (the twin did {})", drops(TCPSCOPE_NESTED_STATE));

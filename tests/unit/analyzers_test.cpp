@@ -224,18 +224,22 @@ TEST(RetransmitAnalyzer, RowJsonAndText) {
 
 // ---- LostAnalyzer ----------------------------------------------------------------
 
+// Hands each event to the analyzer, as the tracker reports it for no
+// connection it knows.
+void feed(LostAnalyzer& a, std::initializer_list<const Event*> events) {
+  NullOut out;
+  Tracked t;
+  for (const Event* e : events) {
+    t.ev = e;
+    a.on_event(t, out);
+  }
+}
+
 TEST(LostAnalyzer, SumsLostRecords) {
   LostAnalyzer a;
-  NullOut out;
   const Event lost1 = Lost(ms(1), 3, 1), lost2 = Lost(ms(2), 5);
   const Event st = State(ms(3), 8, kTcpClose, kTcpSynSent);  // conn 8: not a count
-  Tracked t;
-  t.ev = &lost1;
-  a.on_event(t, out);
-  t.ev = &st;
-  a.on_event(t, out);
-  t.ev = &lost2;
-  a.on_event(t, out);
+  feed(a, {&lost1, &st, &lost2});
   EXPECT_EQ(a.lost(), 8u);
   EXPECT_EQ(json_of(a),
             R"({"lost_events":8,"lost_kernel_skipped":1,"lost_resets_missing":0,)"
@@ -294,11 +298,8 @@ TEST(LostAnalyzer, CountsGaps) {
 // counts no more than it lost.
 TEST(LostAnalyzer, SkippedNeverExceedsLost) {
   LostAnalyzer a;
-  NullOut out;
   const Event bad = Lost(ms(1), 2, 9);
-  Tracked t;
-  t.ev = &bad;
-  a.on_event(t, out);
+  feed(a, {&bad});
   EXPECT_EQ(json_of(a),
             R"({"lost_events":2,"lost_kernel_skipped":2,"lost_resets_missing":0,)"
             R"("lost_vanished":0,"lost_gaps":0})");
@@ -309,15 +310,10 @@ TEST(LostAnalyzer, SkippedNeverExceedsLost) {
 // known to have missed them.
 TEST(LostAnalyzer, SaysMissingResetsApart) {
   LostAnalyzer a;
-  NullOut out;
   Event missing = Lost(ms(1), 2, 2);
   missing.reason = TCPSCOPE_EV_RESET_SENT;
   const Event skipped = Lost(ms(2), 3, 3);
-  Tracked t;
-  t.ev = &missing;
-  a.on_event(t, out);
-  t.ev = &skipped;
-  a.on_event(t, out);
+  feed(a, {&missing, &skipped});
   EXPECT_EQ(json_of(a),
             R"({"lost_events":5,"lost_kernel_skipped":5,"lost_resets_missing":2,)"
             R"("lost_vanished":0,"lost_gaps":0})");
