@@ -151,7 +151,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 2 << 20); /* --ring-size sets it */
+	__uint(max_entries, 4 << 20); /* --ring-size sets it */
 } events SEC(".maps");
 
 /* Under --pid/--cgroup the tw timers cannot be matched by owner (a tw sock

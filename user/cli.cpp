@@ -44,7 +44,7 @@ Result<Options> parse_command_line(int argc, char** argv) {
   app.set_help_flag("-h,--help", "Print this help and exit");
   app.set_version_flag("--version", std::string(TCPSCOPE_VERSION));
 
-  std::string netns, cgroup, attach = "auto", ring_size = "2M";
+  std::string netns, cgroup, attach = "auto", ring_size = "4M";
   uint32_t pid = 0;
   uint16_t port = 0, lport = 0, rport = 0;
   bool v4 = false, v6 = false, info = false, no_io = false;
@@ -70,7 +70,7 @@ Result<Options> parse_command_line(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "tp_btf", "raw_tp", "tracepoint"}));
   app.add_option("--disable-feature", o.disabled_features,
                  "Treat a kernel feature as missing (see --info), to test fallbacks");
-  app.add_option("--ring-size", ring_size, "BPF ring buffer size (power of 2; default 2M)");
+  app.add_option("--ring-size", ring_size, "BPF ring buffer size (power of 2; default 4M)");
   app.add_option("--max-sockets", o.trace.max_sockets,
                  "Sockets the kernel side tracks at once (all live ones with --pid or a "
                  "fallback attach method; else accepted ones awaiting their first send/recv)")
