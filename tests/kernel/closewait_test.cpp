@@ -42,7 +42,12 @@ std::vector<Sock> parse_socks(const std::optional<std::string>& msg) {
 
 std::string describe(const std::vector<Sock>& v) {
   std::string s = "fds";
-  for (const Sock& x : v) s += " " + std::to_string(x.fd) + ":" + std::to_string(x.lport);
+  for (const Sock& x : v) {
+    s += ' ';
+    s += std::to_string(x.fd);
+    s += ':';
+    s += std::to_string(x.lport);
+  }
   return s;
 }
 

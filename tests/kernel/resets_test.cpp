@@ -628,8 +628,10 @@ TEST_P(TwKilledTest, LateFinAfterTwKilledIsTwKilled) {
     const auto after_close = Clock::now();
     ASSERT_TRUE(wait_ss_state(ns, cport, sport, "FIN-WAIT-2"));  // the tw sock, substate FIN_WAIT2
     ASSERT_TRUE(wait_ss_state(ns, sport, cport, "CLOSE-WAIT"));
-    const CmdResult k = ns.exec({"ss", "-K", "-tan", "state", "fin-wait-2", "sport", "=",
-                                 ":" + std::to_string(cport)});
+    std::string sport_arg = ":";  // (not ":" + ...: GCC 12 -O3 warns, -Wrestrict)
+    sport_arg += std::to_string(cport);
+    const CmdResult k =
+        ns.exec({"ss", "-K", "-tan", "state", "fin-wait-2", "sport", "=", sport_arg});
     ASSERT_EQ(k.status, 0) << k.err;
     ASSERT_TRUE(wait_until([&] { return gone(ns, cport, sport); }))
         << "ss -K did not kill the tw sock: " << ns.exec({"ss", "-tanoe"}).out;
