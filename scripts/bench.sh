@@ -131,10 +131,13 @@ stop_tracer() {
 	wait "$tracer_pid" || true
 	tracer_pid=
 	ticks=$(echo "$stat" | sed 's/.*) //' | awk '{print $12 + $13}')
-	local cpu lost bpf fill
+	local cpu lost bpf fill sampled
 	cpu=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}')
 	lost=$(sed -n 's/.* lost \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
 	bpf=$(sed -n 's/.* bpf_ns_per_event \([0-9.]*\).*/\1/p' "$OUT/stats" | tail -1)
+	# No event in a statistics window (1 s in every 5): no figure, not 0.
+	sampled=$(sed -n 's/.* bpf_sampled_events \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
+	[[ ${sampled:-0} == 0 ]] && bpf=-
 	fill=$(sed -n 's/.* ring_peak_fill_pct \([0-9.]*\).*/\1/p' "$OUT/stats" | tail -1)
 	st="$cpu $hwm ${lost:--} ${bpf:--} ${fill:--}"
 }
@@ -182,7 +185,7 @@ awk -F'\t' '
 	END {
 		for (i = 1; i <= m; ++i) for (k = 1; k <= n[order[i]]; ++k) if (order[i] == "none") b[++nb] = rate["none", k]
 		bm = nb ? median(b, nb) : 0
-		printf "%-20s %10s %8s %10s %8s %9s %8s %12s %7s\n", "mode", "conn/s", "ratio", "ratio/rnd", "lost", "cpu_s", "rss_MiB", "bpf_ns/ev", "ring%"
+		printf "%-20s %10s %8s %10s %10s %8s %9s %8s %12s %7s\n", "mode", "conn/s", "ratio", "ratio/rnd", "rnd_range", "lost", "cpu_s", "rss_MiB", "bpf_ns/ev", "ring%"
 		for (i = 1; i <= m; ++i) {
 			mo = order[i]; c = n[mo]
 			delete r; delete q; delete cp; delete rs; delete bp; nq = 0; nbp = 0
@@ -192,15 +195,19 @@ awk -F'\t' '
 				if (bpf[mo, k] != "-") bp[++nbp] = bpf[mo, k]
 			}
 			med = median(r, c)
-			printf "%-20s %10.0f %8s %10s %8s %9s %8s %12s %7s\n", mo, med,
-				bm ? sprintf("%.3f", med / bm) : "-", nq ? sprintf("%.3f", median(q, nq)) : "-",
+			# median() sorts: q[1] and q[nq] are the lowest and highest.
+			qm = nq ? sprintf("%.3f", median(q, nq)) : "-"
+			printf "%-20s %10.0f %8s %10s %10s %8s %9s %8s %12s %7s\n", mo, med,
+				bm ? sprintf("%.3f", med / bm) : "-", qm,
+				nq ? sprintf("%.2f-%.2f", q[1], q[nq]) : "-",
 				lost[mo] == "" ? "-" : lost[mo], cp[1] == "-" ? "-" : sprintf("%.2f", median(cp, c)),
 				rs[1] == "-" ? "-" : sprintf("%.1f", median(rs, c) / 1024),
 				nbp ? sprintf("%.0f", median(bp, nbp)) : "-", (mo in fill) ? fill[mo] : "-"
 		}
 	}' "$results"
 echo "ratio: median conn/s over the median with no tracer; ratio/rnd: median of each"
-echo "run over the no-tracer run of its round; lost: events tcpscope lost, all runs;"
+echo "run over the no-tracer run of its round (rnd_range: the lowest and highest of"
+echo "those); lost: events tcpscope lost, all runs;"
 echo "cpu_s: the tracer's CPU time (user+sys) per run; rss: its peak RSS;"
 echo "bpf_ns/ev: tcpscope's BPF run time per event delivered (kernel.bpf_stats);"
 echo "ring%: the fullest tcpscope found its ring buffer, all runs (100: records lost)."
