@@ -924,6 +924,24 @@ int retransmit_tp(struct trace_event_raw_tcp_retransmit_skb *ctx)
 
 /* ---- tcp_send_reset ----------------------------------------------------- */
 
+/* The namespace of a segment, as tcp_v4_send_reset() takes it when it has
+ * no socket: that of the device of its route (skb_dst). skb->dev alone was
+ * found cleared now and then under churn (a reset in about a thousand lost
+ * its record to a namespace of 0, filtered out). SKB_DST_NOREF is the
+ * pointer's low bit. */
+static __always_inline __u32 skb__netns(const struct sk_buff *skb)
+{
+	unsigned long refdst = BPF_CORE_READ(skb, _skb_refdst);
+	const struct dst_entry *dst = (const void *)(refdst & ~1UL);
+	__u32 inum = 0;
+
+	if (dst)
+		inum = BPF_CORE_READ(dst, dev, nd_net.net, ns.inum);
+	if (!inum)
+		inum = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
+	return inum;
+}
+
 /* Tuple and netns of a reset sent with no socket: the segment it answers
  * arrived from the peer, so its destination is our local side. */
 static __always_inline void skb__read_tuple(const struct sk_buff *skb,
@@ -955,7 +973,7 @@ static __always_inline void skb__read_tuple(const struct sk_buff *skb,
 	bpf_probe_read_kernel(ports, sizeof(ports), head + th);
 	e->rport = bpf_ntohs(ports[0]);
 	e->lport = bpf_ntohs(ports[1]);
-	e->netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
+	e->netns = skb__netns(skb);
 }
 
 /* Flags and payload length of the segment that drew the reset. */
@@ -989,8 +1007,12 @@ static __always_inline int send_reset__handle(const struct sock *sk,
 	}
 	if (sk && skb && state == TCP_LISTEN) {
 		/* A listener answering a segment that matched no connection
-		 * (a late FIN, say): what matters is the segment's tuple. */
+		 * (a late FIN, say): what matters is the segment's tuple; the
+		 * namespace is the listener's, as the kernel takes it. */
+		__u32 netns = e.netns;
+
 		skb__read_tuple(skb, &e);
+		e.netns = netns;
 		e.sk_flags |= TCPSCOPE_SK_LISTENER;
 	}
 	if (!filter__match_netns(&e) || !filter__match_ports(&e))
