@@ -942,8 +942,8 @@ static __always_inline __u32 skb__netns(const struct sk_buff *skb)
 	return inum;
 }
 
-/* Tuple and netns of a reset sent with no socket: the segment it answers
- * arrived from the peer, so its destination is our local side. */
+/* Tuple of the segment a reset answers: it arrived from the peer, so its
+ * destination is our local side. (Its namespace: skb__netns.) */
 static __always_inline void skb__read_tuple(const struct sk_buff *skb,
 					    struct tcpscope_event *e)
 {
@@ -973,7 +973,6 @@ static __always_inline void skb__read_tuple(const struct sk_buff *skb,
 	bpf_probe_read_kernel(ports, sizeof(ports), head + th);
 	e->rport = bpf_ntohs(ports[0]);
 	e->lport = bpf_ntohs(ports[1]);
-	e->netns = skb__netns(skb);
 }
 
 /* Flags and payload length of the segment that drew the reset. */
@@ -1001,6 +1000,7 @@ static __always_inline int send_reset__handle(const struct sock *sk,
 		state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	} else if (skb) {
 		skb__read_tuple(skb, &e);
+		e.netns = skb__netns(skb);
 		e.sk_flags |= TCPSCOPE_SK_NO_SOCKET;
 	} else {
 		return 0;
@@ -1008,11 +1008,8 @@ static __always_inline int send_reset__handle(const struct sock *sk,
 	if (sk && skb && state == TCP_LISTEN) {
 		/* A listener answering a segment that matched no connection
 		 * (a late FIN, say): what matters is the segment's tuple; the
-		 * namespace is the listener's, as the kernel takes it. */
-		__u32 netns = e.netns;
-
+		 * namespace stays the listener's, as the kernel takes it. */
 		skb__read_tuple(skb, &e);
-		e.netns = netns;
 		e.sk_flags |= TCPSCOPE_SK_LISTENER;
 	}
 	if (!filter__match_netns(&e) || !filter__match_ports(&e))

@@ -129,8 +129,8 @@ void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns) {
              "bpf_ns_per_run {:.1f} user_cpu_s {:.3f} sys_cpu_s {:.3f} cpu_ns_per_event {:.0f} "
              "max_rss_kib {} owners_not_kept {} ring_peak_fill_pct {:.1f} "
              "ring_peak_unread_ms {:.1f}{}\n",
-             s.sk, s.cgroup, stats_sampled_events(s), s.conn, s.aux, per_event, per_run, s.reason / 1e3, s.seg_len / 1e3,
-             cpu_per_event, s.rx_queue, s.netns, ring_fill * 100, read_gap_ns / 1e6,
+             s.sk, s.cgroup, stats_sampled_events(s), s.conn, s.aux, per_event, per_run,
+             s.reason / 1e3, s.seg_len / 1e3, cpu_per_event, s.rx_queue, s.netns, ring_fill * 100, read_gap_ns / 1e6,
              (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
 }
 

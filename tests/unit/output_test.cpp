@@ -441,8 +441,8 @@ TEST(JsonLinesSink, Lines) {
 
   const ordered_json& rep = j[10];
   EXPECT_EQ(keys_of(rep), (Keys{"type", "time", "events", "connections", "retransmits",
-                                "lost_events", "lost_kernel_skipped", "lost_resets_missing", "lost_vanished",
-                                "lost_gaps",
+                                "lost_events", "lost_kernel_skipped", "lost_resets_missing",
+                                "lost_vanished", "lost_gaps",
                                 "resets",
                                 "late_fin_resets"}));
   EXPECT_EQ(rep["resets"]["sent"]["total"], 2);
