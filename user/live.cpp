@@ -382,10 +382,10 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   int rc = 0;
   bool stop = false;
   // The ring is drained at least every kIdlePollMs: producers batch their
-  // wake-ups. While records flow, every kFlowingPollMs: about one churn run
-  // in 50 slept through the whole 100 ms timeout with the ring filling to
-  // 60-80% (the cause, a wake-up lost or very late, is unknown), and the
-  // full churn fills 4 MiB in about 100 ms. Under load the batched wake-ups
+  // wake-ups. While records flow, every kFlowingPollMs: in about one churn
+  // run in 50 the consumer slept through the whole 100 ms timeout with the
+  // ring filling to 60-80% (wake-ups lost or very late, cause unknown), and
+  // the full churn fills 4 MiB in about 100 ms. Under load the batched wake-ups
   // come every few ms, so the shorter timeout seldom fires; a lightly
   // loaded host wakes 50 times a second, an idle one 10.
   constexpr int kIdlePollMs = 100, kFlowingPollMs = 20;
