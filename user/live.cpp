@@ -130,7 +130,8 @@ void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns) {
              "max_rss_kib {} owners_not_kept {} ring_peak_fill_pct {:.1f} "
              "ring_peak_unread_ms {:.1f}{}\n",
              s.sk, s.cgroup, stats_sampled_events(s), s.conn, s.aux, per_event, per_run,
-             s.reason / 1e3, s.seg_len / 1e3, cpu_per_event, s.rx_queue, s.netns, ring_fill * 100, read_gap_ns / 1e6,
+             s.reason / 1e3, s.seg_len / 1e3, cpu_per_event, s.rx_queue, s.netns,
+             ring_fill * 100, read_gap_ns / 1e6,
              (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
 }
 
@@ -385,9 +386,9 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   // wake-ups. While records flow, every kFlowingPollMs: in about one churn
   // run in 50 the consumer slept through the whole 100 ms timeout with the
   // ring filling to 60-80% (wake-ups lost or very late, cause unknown), and
-  // the full churn fills 4 MiB in about 100 ms. Under load the batched wake-ups
-  // come every few ms, so the shorter timeout seldom fires; a lightly
-  // loaded host wakes 50 times a second, an idle one 10.
+  // the full churn fills the default 4 MiB in about 100 ms. Under load the
+  // batched wake-ups come every few ms, so the shorter timeout seldom
+  // fires; a lightly loaded host wakes 50 times a second, an idle one 10.
   constexpr int kIdlePollMs = 100, kFlowingPollMs = 20;
   bool flowing = false;
   while (!stop) {
