@@ -118,8 +118,9 @@ Event overhead_record(const BpfTracer& tracer, uint64_t now, uint64_t lost) {
 
 // --stats: one line on stderr, for scripts (scripts/bench.sh parses it).
 // ring_fill: the fullest the ring was found (fraction); read_gap_ns: how
-// long it had not been read then.
-void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns) {
+// long it had not been read then; late_wakeups: BpfTracer::late_wakeups().
+void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns,
+                    uint64_t late_wakeups) {
   const StatsFigures f = stats_figures(s);
   const double per_event = f.bpf_ns_per_event, per_run = f.bpf_ns_per_run,
                cpu_per_event = f.cpu_ns_per_event;
@@ -128,10 +129,10 @@ void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns) {
              "bpf_ns_per_event {:.1f} "
              "bpf_ns_per_run {:.1f} user_cpu_s {:.3f} sys_cpu_s {:.3f} cpu_ns_per_event {:.0f} "
              "max_rss_kib {} owners_not_kept {} ring_peak_fill_pct {:.1f} "
-             "ring_peak_unread_ms {:.1f}{}\n",
+             "ring_peak_unread_ms {:.1f} ring_late_wakeups {}{}\n",
              s.sk, s.cgroup, stats_sampled_events(s), s.conn, s.aux, per_event, per_run,
              s.reason / 1e3, s.seg_len / 1e3, cpu_per_event, s.rx_queue, s.netns,
-             ring_fill * 100, read_gap_ns / 1e6,
+             ring_fill * 100, read_gap_ns / 1e6, late_wakeups,
              (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
 }
 
@@ -383,16 +384,20 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   int rc = 0;
   bool stop = false;
   // The ring is drained at least every kIdlePollMs: producers batch their
-  // wake-ups. While records flow, every kFlowingPollMs: in about one churn
-  // run in 50 the consumer slept through the whole 100 ms timeout with the
-  // ring filling to 60-80% (wake-ups lost or very late, cause unknown), and
-  // the full churn fills the default 4 MiB in about 100 ms. Under load the
-  // batched wake-ups come every few ms, so the shorter timeout seldom
-  // fires; a lightly loaded host wakes 50 times a second, an idle one 10.
+  // wake-ups. Within kFlowWindowNs of a drain that found records, every
+  // kFlowingPollMs: under churn a forced wake-up sometimes comes tens of ms
+  // late, with no steal by the host (ring_late_wakeups counts such waits),
+  // and the full churn fills the default 4 MiB in about 100 ms. A
+  // drain may find nothing right after one that emptied the ring, so one
+  // empty drain does not end the flow. Under load the batched wake-ups come
+  // every few ms and the shorter timeout seldom fires; a lightly loaded host
+  // wakes 50 times a second, an idle one 10.
   constexpr int kIdlePollMs = 100, kFlowingPollMs = 20;
-  bool flowing = false;
+  constexpr uint64_t kFlowWindowNs = 1'000'000'000;
+  uint64_t last_records_ns = 0;
   while (!stop) {
     epoll_event evs[2];
+    const bool flowing = last_records_ns && boottime_now_ns() - last_records_ns < kFlowWindowNs;
     int timeout = flowing ? kFlowingPollMs : kIdlePollMs;
     if (holders.busy()) timeout = std::min(timeout, 10);  // a holder scan is cut in steps
     if (deadline) {
@@ -401,7 +406,9 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       timeout = static_cast<int>(
           std::min<uint64_t>(static_cast<uint64_t>(timeout), (deadline - now) / 1'000'000 + 1));
     }
+    tracer.wait_begins();
     const int n = epoll_wait(ep.get(), evs, 2, timeout);
+    tracer.wait_ended();
     if (n < 0 && errno != EINTR) {
       fmt::print(stderr, "tcpscope: epoll_wait: {}\n", std::strerror(errno));
       rc = 1;
@@ -414,8 +421,9 @@ int LiveSession::run(double duration_s, const Consumer& consume,
         else stop = true;
       }
     }
-    flowing = tracer.consume() > 0;
+    const bool found = tracer.consume() > 0;
     const uint64_t now = boottime_now_ns();
+    if (found) last_records_ns = now;
     if (sweeping && now >= next_sweep) run_sweep(false);
     if (auditing && now >= next_audit) {
       // The kernel's walk costs about 0.8 us per socket of the namespace,
@@ -482,7 +490,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
                  full, tracer.ring_peak_fill() * 100, tracer.ring_peak_read_gap_ns() / 1e6,
                  cfg_.ring_bytes / 1024);
   if (cfg_.print_stats)
-    print_overhead(stats, tracer.ring_peak_fill(), tracer.ring_peak_read_gap_ns());
+    print_overhead(stats, tracer.ring_peak_fill(), tracer.ring_peak_read_gap_ns(),
+                   tracer.late_wakeups());
   Event end{};
   end.type = TCPSCOPE_EV_END;
   end.ts_ns = end_ns;

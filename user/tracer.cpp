@@ -284,6 +284,8 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   auto ring = RingReader::open(bpf_map__fd(s->maps.events), bpf_map__max_entries(s->maps.events));
   if (!ring) return Error{"cannot set up the ring buffer consumer: " + ring.error().message};
   t->ring_ = std::move(ring.value());
+  t->wakeup_batch_bytes_ = uint64_t{s->rodata->cfg_wakeup_every} * kRingRecordBytes *
+                           static_cast<uint64_t>(std::max(1, libbpf_num_possible_cpus()));
   return t;
 }
 
@@ -517,6 +519,12 @@ int BpfTracer::consume() {
   if (ring_->peak_pending_bytes() > peak && last_read_ns_) peak_read_gap_ns_ = now - last_read_ns_;
   last_read_ns_ = now;
   return static_cast<int>(std::min<uint64_t>(n, INT_MAX));
+}
+
+void BpfTracer::wait_ended() {
+  // Only this reader moves the consumer position: nothing left meanwhile.
+  if (wakeup_batch_bytes_ && ring_->pending_bytes() > wait_pending_ + 2 * wakeup_batch_bytes_)
+    ++late_wakeups_;
 }
 
 double BpfTracer::ring_peak_fill() const {

@@ -39,6 +39,12 @@ class RingConsumer {
   // how close the consumer came to losing records.
   uint64_t peak_pending_bytes() const { return peak_pending_; }
   uint64_t size_bytes() const { return mask_ + 1; }
+  // Bytes the producers have committed or reserved that this reader has
+  // not passed yet.
+  uint64_t pending_bytes() const {
+    return __atomic_load_n(producer_pos_, __ATOMIC_ACQUIRE) -
+           __atomic_load_n(consumer_pos_, __ATOMIC_RELAXED);
+  }
 
  private:
   // The record of size bytes at offset off of the data area, contiguous.

@@ -28,6 +28,7 @@ class RingReader {
   uint64_t drain(Callback cb, void* ctx) { return consumer_->drain(cb, ctx); }
   uint64_t peak_pending_bytes() const { return consumer_->peak_pending_bytes(); }
   uint64_t size_bytes() const { return consumer_->size_bytes(); }
+  uint64_t pending_bytes() const { return consumer_->pending_bytes(); }
 
  private:
   RingReader() = default;

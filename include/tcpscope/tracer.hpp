@@ -136,6 +136,12 @@ class BpfTracer {
   // (ns).
   double ring_peak_fill() const;
   uint64_t ring_peak_read_gap_ns() const { return peak_read_gap_ns_; }
+  // Call around each wait for a wake-up. A wait in which more than two
+  // wake-up batches of records came in is counted late: some CPU forced a
+  // wake-up in it that was lost or late, or the consumer's CPU did not run.
+  void wait_begins() { wait_pending_ = ring_->pending_bytes(); }
+  void wait_ended();
+  uint64_t late_wakeups() const { return late_wakeups_; }
   // Records delivered by the ring buffer so far.
   uint64_t events() const { return events_; }
   // Our programs' BPF run time so far (bpf_prog_info), if stats are on.
@@ -186,6 +192,8 @@ class BpfTracer {
   EventFn on_event_;
   uint64_t malformed_ = 0;
   uint64_t last_read_ns_ = 0, peak_read_gap_ns_ = 0;
+  uint64_t wakeup_batch_bytes_ = 0;  // 0: the kernel wakes per record
+  uint64_t wait_pending_ = 0, late_wakeups_ = 0;
   uint64_t events_ = 0;
   std::vector<int> prog_fds_;  // attached programs (owned by skel_)
   std::vector<int> lossy_prog_fds_;  // those whose skipped runs lose events

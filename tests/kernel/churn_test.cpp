@@ -3,8 +3,12 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <signal.h>
+
 #include <cerrno>
+#include <functional>
 #include <set>
+#include <thread>
 
 #include "harness.hpp"
 
@@ -17,9 +21,10 @@ class ChurnTest : public KernelTest {
  protected:
   // Records bench/churn for `seconds` in a fresh namespace (a capture, not
   // live JSON: a million lines are more than this harness should hold),
-  // then reads the capture's report. Fatal failures end the test.
+  // then reads the capture's report. Fatal failures end the test. `during`,
+  // if given, runs on a thread of its own while the churn does.
   void record_churn(const std::vector<std::string>& extra, int seconds, Tracer& rec,
-                    uint64_t& conns, json& report) {
+                    uint64_t& conns, json& report, const std::function<void()>& during = {}) {
     NetNs ns({"net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"});
     TempDir dir;
     const std::string file = dir.file("churn.cap");
@@ -30,9 +35,12 @@ class ChurnTest : public KernelTest {
         [&] { return rec.stderr_text().find("recording to") != std::string::npos; }, 30000ms,
         20ms))
         << rec.diagnostics();
+    std::thread beside;
+    if (during) beside = std::thread(during);
     const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", std::to_string(seconds), "--clients",
                                 "4", "--servers", "2"},
                                60000ms);
+    if (beside.joinable()) beside.join();
     ASSERT_EQ(churn.status, 0) << churn.err;
     ASSERT_EQ(std::sscanf(churn.out.c_str(), "conns %lu", &conns), 1) << churn.out;
     ASSERT_EQ(rec.stop(), 0) << rec.diagnostics();
@@ -257,6 +265,37 @@ TEST_F(ChurnTest, RingFullLossesAreExplained) {
   EXPECT_NE(rest.find("% full, then after "), std::string::npos) << rest;
   EXPECT_NE(rest.find(" ms without a read; raise --ring-size (now 8 KiB)"), std::string::npos)
       << rest;
+}
+
+// A consumer that cannot run while the producers force wake-ups (here
+// stopped by SIGSTOP for 200 ms, five times, as when the host does not run
+// its CPU) is counted in --stats' ring_late_wakeups, and the longest time
+// the ring went unread shows in ring_peak_unread_ms. A stop that falls
+// outside the wait for a wake-up is not counted: one of five must fall in
+// it (the consumer waits most of the time).
+TEST_F(ChurnTest, LateWakeupsAreCounted) {
+  Tracer rec;
+  uint64_t conns = 0;
+  json r;
+  auto pause = [&rec] {
+    for (int i = 0; i < 5; ++i) {
+      std::this_thread::sleep_for(300ms);
+      ::kill(rec.pid(), SIGSTOP);
+      std::this_thread::sleep_for(200ms);
+      ::kill(rec.pid(), SIGCONT);
+    }
+  };
+  // A ring big enough that nothing is lost meanwhile.
+  ASSERT_NO_FATAL_FAILURE(
+      record_churn({"--stats", "--ring-size", "64M"}, 3, rec, conns, r, pause));
+  const std::string log = rec.stderr_text();
+  auto figure = [&log](const std::string& key) {
+    const size_t at = log.find(" " + key + " ");
+    return at == std::string::npos ? -1.0 : std::stod(log.substr(at + key.size() + 2));
+  };
+  EXPECT_GE(figure("ring_late_wakeups"), 1) << log;
+  EXPECT_GE(figure("ring_peak_unread_ms"), 150) << log;
+  EXPECT_EQ(ring_full_losses(r), 0u) << r.dump();
 }
 
 }  // namespace
