@@ -119,10 +119,11 @@ start_tracer() {
 	fi
 }
 
-# Stops it; sets st="cpu_s rss_kib lost bpf_ns_per_event ring_peak_fill_pct"
+# Stops it; sets st="cpu_s rss_kib lost bpf_ns_per_event ring_peak_fill_pct
+# ring_late_wakeups"
 # (not in a subshell: wait needs the tracer to be our child).
 stop_tracer() {
-	st="- - - - -"
+	st="- - - - - -"
 	[[ -z $tracer_pid ]] && return
 	local stat hwm ticks
 	stat=$(cat "/proc/$tracer_pid/stat")
@@ -131,7 +132,7 @@ stop_tracer() {
 	wait "$tracer_pid" || true
 	tracer_pid=
 	ticks=$(echo "$stat" | sed 's/.*) //' | awk '{print $12 + $13}')
-	local cpu lost bpf fill sampled
+	local cpu lost bpf fill sampled late
 	cpu=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}')
 	lost=$(sed -n 's/.* lost \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
 	bpf=$(sed -n 's/.* bpf_ns_per_event \([0-9.]*\).*/\1/p' "$OUT/stats" | tail -1)
@@ -139,7 +140,8 @@ stop_tracer() {
 	sampled=$(sed -n 's/.* bpf_sampled_events \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
 	[[ ${sampled:-0} == 0 ]] && bpf=-
 	fill=$(sed -n 's/.* ring_peak_fill_pct \([0-9.]*\).*/\1/p' "$OUT/stats" | tail -1)
-	st="$cpu $hwm ${lost:--} ${bpf:--} ${fill:--}"
+	late=$(sed -n 's/.* ring_late_wakeups \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
+	st="$cpu $hwm ${lost:--} ${bpf:--} ${fill:--} ${late:--}"
 }
 
 run_one() {
@@ -149,6 +151,12 @@ run_one() {
 	local line rate
 	line=$(ip netns exec "$ns" "$churn" --seconds "$SECS" --clients "$CLIENTS" --servers "$SERVERS")
 	rate=$(echo "$line" | awk '{print $6}')
+	local unanswered
+	unanswered=$(echo "$line" | awk '{print $10}')
+	if [[ -n $unanswered && $unanswered != 0 ]]; then
+		echo "round $round $mode: churn gave up on $unanswered connection(s) after 2 s without the server's FIN" \
+			>>"$OUT/workload"
+	fi
 	stop_tracer
 	printf '%s\t%s\t%s\t%s\n' "$round" "$mode" "$rate" "${st// /$'\t'}" >>"$results"
 	# What tcpscope said of events it lost (how full its ring got, and
@@ -158,7 +166,7 @@ run_one() {
 	if [[ $lost_now != - && $lost_now != 0 ]]; then
 		grep -h 'warning' "$OUT/stats" | sed "s/^/round $round $mode: /" >>"$OUT/warnings" || true
 	fi
-	printf 'round %s %-20s %8s conn/s  cpu_s/rss_kib/lost/bpf_ns/ring%% %s\n' "$round" "$mode" "$rate" "$st" >&2
+	printf 'round %s %-20s %8s conn/s  cpu_s/rss_kib/lost/bpf_ns/ring%%/late_wk %s\n' "$round" "$mode" "$rate" "$st" >&2
 	ip netns del "$ns"
 }
 
@@ -181,11 +189,12 @@ awk -F'\t' '
 	  round[$2, n[$2]] = $1; cpu[$2, n[$2]] = $4; rss[$2, n[$2]] = $5
 	  if ($6 != "-") lost[$2] += $6; else lost[$2] = lost[$2] ""
 	  bpf[$2, n[$2]] = $7; if ($8 != "-" && (!(($2) in fill) || $8 > fill[$2])) fill[$2] = $8
+	  if ($9 != "-") late[$2] += $9
 	  if (!($2 in seen)) { seen[$2] = 1; order[++m] = $2 } }
 	END {
 		for (i = 1; i <= m; ++i) for (k = 1; k <= n[order[i]]; ++k) if (order[i] == "none") b[++nb] = rate["none", k]
 		bm = nb ? median(b, nb) : 0
-		printf "%-20s %10s %8s %10s %10s %8s %9s %8s %12s %7s\n", "mode", "conn/s", "ratio", "ratio/rnd", "rnd_range", "lost", "cpu_s", "rss_MiB", "bpf_ns/ev", "ring%"
+		printf "%-20s %10s %8s %10s %10s %8s %9s %8s %12s %7s %7s\n", "mode", "conn/s", "ratio", "ratio/rnd", "rnd_range", "lost", "cpu_s", "rss_MiB", "bpf_ns/ev", "ring%", "late_wk"
 		for (i = 1; i <= m; ++i) {
 			mo = order[i]; c = n[mo]
 			delete r; delete q; delete cp; delete rs; delete bp; nq = 0; nbp = 0
@@ -197,12 +206,13 @@ awk -F'\t' '
 			med = median(r, c)
 			# median() sorts: q[1] and q[nq] are the lowest and highest.
 			qm = nq ? sprintf("%.3f", median(q, nq)) : "-"
-			printf "%-20s %10.0f %8s %10s %10s %8s %9s %8s %12s %7s\n", mo, med,
+			printf "%-20s %10.0f %8s %10s %10s %8s %9s %8s %12s %7s %7s\n", mo, med,
 				bm ? sprintf("%.3f", med / bm) : "-", qm,
 				nq ? sprintf("%.2f-%.2f", q[1], q[nq]) : "-",
 				lost[mo] == "" ? "-" : lost[mo], cp[1] == "-" ? "-" : sprintf("%.2f", median(cp, c)),
 				rs[1] == "-" ? "-" : sprintf("%.1f", median(rs, c) / 1024),
-				nbp ? sprintf("%.0f", median(bp, nbp)) : "-", (mo in fill) ? fill[mo] : "-"
+				nbp ? sprintf("%.0f", median(bp, nbp)) : "-", (mo in fill) ? fill[mo] : "-",
+				(mo in late) ? late[mo] : "-"
 		}
 	}' "$results"
 echo "ratio: median conn/s over the median with no tracer; ratio/rnd: median of each"
@@ -210,10 +220,15 @@ echo "run over the no-tracer run of its round (rnd_range: the lowest and highest
 echo "those); lost: events tcpscope lost, all runs;"
 echo "cpu_s: the tracer's CPU time (user+sys) per run; rss: its peak RSS;"
 echo "bpf_ns/ev: tcpscope's BPF run time per event delivered (kernel.bpf_stats);"
-echo "ring%: the fullest tcpscope found its ring buffer, all runs (100: records lost)."
+echo "ring%: the fullest tcpscope found its ring buffer, all runs (100: records lost);"
+echo "late_wk: its waits in which more than two wake-up batches came in, all runs."
 if [[ -s $OUT/warnings ]]; then
 	echo "What tcpscope said of the events it lost:"
 	cat "$OUT/warnings"
+fi
+if [[ -s $OUT/workload ]]; then
+	echo "The workload:"
+	cat "$OUT/workload"
 fi
 
 if [[ $MEMORY == 1 ]]; then
