@@ -35,12 +35,17 @@ class ChurnTest : public KernelTest {
         [&] { return rec.stderr_text().find("recording to") != std::string::npos; }, 30000ms,
         20ms))
         << rec.diagnostics();
-    std::thread beside;
-    if (during) beside = std::thread(during);
+    struct Joined {  // joined however this scope ends
+      std::thread thread;
+      ~Joined() {
+        if (thread.joinable()) thread.join();
+      }
+    } beside;
+    if (during) beside.thread = std::thread(during);
     const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", std::to_string(seconds), "--clients",
                                 "4", "--servers", "2"},
                                60000ms);
-    if (beside.joinable()) beside.join();
+    if (beside.thread.joinable()) beside.thread.join();  // before the tracer stops
     ASSERT_EQ(churn.status, 0) << churn.err;
     ASSERT_EQ(std::sscanf(churn.out.c_str(), "conns %lu", &conns), 1) << churn.out;
     // A connection the server never answered (churn gave up on it) is the
