@@ -15,12 +15,12 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/wait.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -140,8 +140,7 @@ int run_churn(const Args& a) {
       unanswered += stuck;
     });
   for (auto& t : clients) t.join();
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   stop = true;
   shutdown(lfd, SHUT_RDWR);  // wakes the acceptors
   for (auto& t : threads) t.join();
@@ -177,8 +176,8 @@ int run_hold(const Args& a) {
   for (int i = 0; i < naddr; ++i) listeners.push_back(listen_on(INADDR_LOOPBACK + i, a.port));
   auto open_one = [&](long i) -> std::pair<int, int> {
     const int l = static_cast<int>(i / kPerAddr);
-    const int c = connect_to(INADDR_LOOPBACK + l, a.port,
-                             static_cast<uint16_t>(kFirstPort + i % kPerAddr));
+    const int c =
+        connect_to(INADDR_LOOPBACK + l, a.port, static_cast<uint16_t>(kFirstPort + i % kPerAddr));
     if (c < 0) die("connect");
     const int s = accept4(listeners[l], nullptr, nullptr, SOCK_CLOEXEC);
     if (s < 0) die("accept");
@@ -241,12 +240,18 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (k == "--seconds") a.seconds = std::atof(next());
-    else if (k == "--clients") a.clients = std::atoi(next());
-    else if (k == "--servers") a.servers = std::atoi(next());
-    else if (k == "--port") a.port = static_cast<uint16_t>(std::atoi(next()));
-    else if (k == "--hold") a.hold = std::atol(next());
-    else if (k == "--time-wait") a.time_wait = std::atol(next());
+    if (k == "--seconds")
+      a.seconds = std::atof(next());
+    else if (k == "--clients")
+      a.clients = std::atoi(next());
+    else if (k == "--servers")
+      a.servers = std::atoi(next());
+    else if (k == "--port")
+      a.port = static_cast<uint16_t>(std::atoi(next()));
+    else if (k == "--hold")
+      a.hold = std::atol(next());
+    else if (k == "--time-wait")
+      a.time_wait = std::atol(next());
     else {
       std::fprintf(stderr,
                    "usage: churn [--seconds T] [--clients N] [--servers N] [--port P]\n"

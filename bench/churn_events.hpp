@@ -89,14 +89,11 @@ void for_each_churn_event(size_t n, Emit&& emit) {
     emit(state(s, 2000, kTcpListen, kTcpSynRecv, TCPSCOPE_SK_NEW));
     emit(state(c, 3000, kTcpSynSent, kTcpEstablished, 0));
     emit(state(s, 4000, kTcpSynRecv, kTcpEstablished, 0));
-    emit(state(s, 6000, kTcpEstablished, kTcpFinWait1,
-                      TCPSCOPE_SK_SEND_SHUTDOWN));
-    emit(state(c, 7000, kTcpEstablished, kTcpCloseWait,
-                      TCPSCOPE_SK_RCV_SHUTDOWN));
-    emit(state(s, 8000, kTcpFinWait1, kTcpFinWait2,
-                      TCPSCOPE_SK_SEND_SHUTDOWN));
+    emit(state(s, 6000, kTcpEstablished, kTcpFinWait1, TCPSCOPE_SK_SEND_SHUTDOWN));
+    emit(state(c, 7000, kTcpEstablished, kTcpCloseWait, TCPSCOPE_SK_RCV_SHUTDOWN));
+    emit(state(s, 8000, kTcpFinWait1, kTcpFinWait2, TCPSCOPE_SK_SEND_SHUTDOWN));
     emit(state(c, 9000, kTcpCloseWait, kTcpLastAck,
-                      TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
+               TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
     Event arm = base(ts + 10000, scookie, kServerPort, cport);
     arm.type = TCPSCOPE_EV_TW_START;
     arm.old_state = kTcpTimeWait;
@@ -105,9 +102,9 @@ void for_each_churn_event(size_t n, Emit&& emit) {
     arm.aux = arm.ts_ns + 60'000'000'000ull;
     emit(arm);
     emit(state(s, 10100, kTcpFinWait2, kTcpClose,
-                      TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
+               TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
     emit(state(c, 11000, kTcpLastAck, kTcpClose,
-                      TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
+               TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN));
     tw_of_port[cport] = scookie;
   }
 }
@@ -126,7 +123,9 @@ enum class SinkKind { None, Json, Table };
 class ChurnPipeline {
  public:
   ChurnPipeline(int fd, SinkKind kind)
-      : out_(fd, 1 << 20), time_(1'700'000'000'000'000'000ll), json_(out_, time_),
+      : out_(fd, 1 << 20),
+        time_(1'700'000'000'000'000'000ll),
+        json_(out_, time_),
         table_(out_, time_) {
     pipeline_.add_default_analyzers(10);
     if (kind == SinkKind::Json) pipeline_.add_sink(&json_);

@@ -18,10 +18,10 @@
 #include <string>
 #include <vector>
 
+#include "churn_events.hpp"
 #include "tcpscope/capture.hpp"
 #include "tcpscope/output.hpp"
 #include "tcpscope/pipeline.hpp"
-#include "churn_events.hpp"
 
 namespace tcpscope {
 namespace {

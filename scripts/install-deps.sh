@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-	build-essential cmake pkg-config clang llvm libclang-rt-14-dev
+	build-essential cmake pkg-config clang llvm libclang-rt-14-dev clang-format
 	libbpf-dev bpftool libelf-dev zlib1g-dev
 	libcli11-dev libspdlog-dev libfmt-dev libzstd-dev
 	libgtest-dev nlohmann-json3-dev libbenchmark-dev

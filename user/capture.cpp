@@ -1,5 +1,5 @@
-#include "tcpscope/unique_fd.hpp"
 #include "tcpscope/capture.hpp"
+#include "tcpscope/unique_fd.hpp"
 
 #include <fcntl.h>
 #include <fmt/format.h>

@@ -19,10 +19,20 @@ std::optional<uint64_t> parse_size(const std::string& s) {
   uint64_t mult = 1;
   if (pos < s.size()) {
     switch (s[pos]) {
-      case 'k': case 'K': mult = 1ull << 10; break;
-      case 'm': case 'M': mult = 1ull << 20; break;
-      case 'g': case 'G': mult = 1ull << 30; break;
-      default: return std::nullopt;
+      case 'k':
+      case 'K':
+        mult = 1ull << 10;
+        break;
+      case 'm':
+      case 'M':
+        mult = 1ull << 20;
+        break;
+      case 'g':
+      case 'G':
+        mult = 1ull << 30;
+        break;
+      default:
+        return std::nullopt;
     }
     if (pos + 1 != s.size() && !(pos + 3 == s.size() && s.substr(pos + 1) == "iB"))
       return std::nullopt;
@@ -39,8 +49,9 @@ std::string first_line(const std::string& s) {
 
 Result<Options> parse_command_line(int argc, char** argv) {
   Options o;
-  CLI::App app{"tcpscope: trace TCP connection lifecycles (TIME_WAIT, resets, CLOSE_WAIT) with eBPF",
-               "tcpscope"};
+  CLI::App app{
+      "tcpscope: trace TCP connection lifecycles (TIME_WAIT, resets, CLOSE_WAIT) with eBPF",
+      "tcpscope"};
   app.set_help_flag("-h,--help", "Print this help and exit");
   app.set_version_flag("--version", std::string(TCPSCOPE_VERSION));
 
@@ -52,8 +63,9 @@ Result<Options> parse_command_line(int argc, char** argv) {
   app.add_flag("--json", o.json, "Print JSON Lines instead of the table");
   app.add_option("--duration", o.duration_s, "Stop after SECONDS and print the report")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--netns", netns, "Only this network namespace: /run/netns/NAME, "
-                                   "/proc/PID/ns/net or an inode number");
+  app.add_option("--netns", netns,
+                 "Only this network namespace: /run/netns/NAME, "
+                 "/proc/PID/ns/net or an inode number");
   app.add_option("--cgroup", cgroup, "Only sockets of this cgroup v2 (or below it)");
   app.add_option("--pid", pid, "Only connections owned by this process (tgid)")
       ->check(CLI::Range(1u, 4194304u));
@@ -100,9 +112,9 @@ Result<Options> parse_command_line(int argc, char** argv) {
                "entries and ends then come from sweeps only)");
   double close_wait_s = 60;
   app.add_option("--close-wait-threshold", close_wait_s,
-                                "Seconds in CLOSE_WAIT after which a socket counts as stuck "
-                                "(close_wait_stuck, holders resolved); default 60")
-                     ->check(CLI::Range(0.001, 1e6));
+                 "Seconds in CLOSE_WAIT after which a socket counts as stuck "
+                 "(close_wait_stuck, holders resolved); default 60")
+      ->check(CLI::Range(0.001, 1e6));
   app.add_flag("--stats", o.trace.print_stats,
                "At exit, print tcpscope's own overhead (events, lost, BPF ns per event, CPU "
                "time, peak RSS) as one line on stderr");
@@ -117,15 +129,17 @@ Result<Options> parse_command_line(int argc, char** argv) {
   // record: the trace filters above fall through to it.
   RecordOptions& r = o.record;
   std::string max_size, ring, compress = "zstd";
-  auto* record_cmd = app.add_subcommand(
-      "record", "Record raw events to a capture file for a later `report` "
-                "(--ring: flight recorder, keep only the last SIZE in memory)");
+  auto* record_cmd =
+      app.add_subcommand("record",
+                         "Record raw events to a capture file for a later `report` "
+                         "(--ring: flight recorder, keep only the last SIZE in memory)");
   record_cmd->fallthrough();
   record_cmd->add_option("-o,--output", r.output, "Capture file (created 0600)");
   record_cmd->add_option("--max-size", max_size,
                          "Rotate to FILE.1, FILE.2... when a file reaches SIZE (e.g. 100M)");
-  record_cmd->add_option("--max-files", r.max_files,
-                         "Keep only the newest N files (parts or flight recorder dumps)")
+  record_cmd
+      ->add_option("--max-files", r.max_files,
+                   "Keep only the newest N files (parts or flight recorder dumps)")
       ->check(CLI::Range(1u, 1000000u));
   record_cmd->add_option("--compress", compress, "zstd (default) or none")
       ->check(CLI::IsMember({"zstd", "none"}));
@@ -136,19 +150,23 @@ Result<Options> parse_command_line(int argc, char** argv) {
                          "write them on SIGUSR1, on exit or when a trigger fires");
   auto* t_fin = record_cmd->add_flag("--trigger-late-fin", r.trigger_late_fin,
                                      "Dump when a late FIN is answered with a RST");
-  auto* t_cw = record_cmd->add_option("--trigger-close-wait", r.trigger_close_wait,
-                                      "Dump when N connections are stuck in CLOSE_WAIT (past "
-                                      "--close-wait-threshold)")
+  auto* t_cw = record_cmd
+                   ->add_option("--trigger-close-wait", r.trigger_close_wait,
+                                "Dump when N connections are stuck in CLOSE_WAIT (past "
+                                "--close-wait-threshold)")
                    ->check(CLI::Range(1u, 100000000u));
-  auto* t_tw = record_cmd->add_option("--trigger-time-wait", r.trigger_time_wait,
-                                      "Dump when more than N TIME_WAIT sockets exist")
+  auto* t_tw = record_cmd
+                   ->add_option("--trigger-time-wait", r.trigger_time_wait,
+                                "Dump when more than N TIME_WAIT sockets exist")
                    ->check(CLI::Range(1u, 100000000u));
-  auto* t_delay = record_cmd->add_option("--trigger-delay", r.trigger_delay_s,
-                                         "Seconds to keep recording after a trigger (default 1)")
+  auto* t_delay = record_cmd
+                      ->add_option("--trigger-delay", r.trigger_delay_s,
+                                   "Seconds to keep recording after a trigger (default 1)")
                       ->check(CLI::NonNegativeNumber);
-  auto* t_cool = record_cmd->add_option("--trigger-cooldown", r.trigger_cooldown_s,
-                                        "Seconds after a dump during which triggers are "
-                                        "ignored (default 60)")
+  auto* t_cool = record_cmd
+                     ->add_option("--trigger-cooldown", r.trigger_cooldown_s,
+                                  "Seconds after a dump during which triggers are "
+                                  "ignored (default 60)")
                      ->check(CLI::NonNegativeNumber);
 
   auto* report_cmd = app.add_subcommand(
@@ -174,11 +192,12 @@ Result<Options> parse_command_line(int argc, char** argv) {
   if (info) o.command = Options::Command::Info;
   if (*report_cmd) {
     // Filters act in the kernel at record time; a report cannot apply them.
-    for (const char* name : {"--netns", "--cgroup", "--pid", "--port", "--lport", "--rport",
-                             "--ipv4", "--ipv6", "--duration", "--attach", "--ring-size",
-                             "--close-wait-threshold"})
+    for (const char* name :
+         {"--netns", "--cgroup", "--pid", "--port", "--lport", "--rport", "--ipv4", "--ipv6",
+          "--duration", "--attach", "--ring-size", "--close-wait-threshold"})
       if (app.count(name))
-        return Error{std::string("report: ") + name + " applies to trace and record, not report", 2};
+        return Error{std::string("report: ") + name + " applies to trace and record, not report",
+                     2};
     o.command = Options::Command::Report;
     return o;
   }
@@ -229,9 +248,12 @@ Result<Options> parse_command_line(int argc, char** argv) {
   f.lport = lport;
   f.rport = rport;
   f.family = v4 ? 4 : v6 ? 6 : 0;
-  if (attach == "tp_btf") o.trace.force_mode = AttachMode::TpBtf;
-  else if (attach == "raw_tp") o.trace.force_mode = AttachMode::RawTp;
-  else if (attach == "tracepoint") o.trace.force_mode = AttachMode::Tracepoint;
+  if (attach == "tp_btf")
+    o.trace.force_mode = AttachMode::TpBtf;
+  else if (attach == "raw_tp")
+    o.trace.force_mode = AttachMode::RawTp;
+  else if (attach == "tracepoint")
+    o.trace.force_mode = AttachMode::Tracepoint;
   auto bytes = parse_size(ring_size);
   if (!bytes || *bytes < 4096 || *bytes > (1ull << 30) || (*bytes & (*bytes - 1)))
     return Error{"--ring-size " + ring_size + ": must be a power of two from 4K to 1G", 2};

@@ -91,8 +91,8 @@ void CloseWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
     case TCPSCOPE_EV_SNAPSHOT:
       // Only a socket the tracker took from the snapshot (its own events
       // did not come first).
-      if (e.new_state == kTcpCloseWait && t.conn && t.conn->snapshot &&
-          !waiting_.find(e.conn) && !stuck_open_.contains(e.conn)) {
+      if (e.new_state == kTcpCloseWait && t.conn && t.conn->snapshot && !waiting_.find(e.conn) &&
+          !stuck_open_.contains(e.conn)) {
         uint64_t entered = e.ts_ns;
         if (e.seg_len != kUnknownAgo)
           entered -= std::min<uint64_t>(entered, static_cast<uint64_t>(e.seg_len) * 1'000'000);
@@ -148,11 +148,12 @@ void CloseWaitAnalyzer::leave(const Event& e, NoticeOut& out) {
   notify(s, out);  // if it was still waiting for its holders
   const Holder* h = s.holders.empty() ? nullptr : &s.holders.front();
   const Connection shown =
-      shown_of(s, h ? h->pid : s.owner_pid,
-               h ? (h->proc ? h->proc->comm : h->comm) : s.owner_comm);
+      shown_of(s, h ? h->pid : s.owner_pid, h ? (h->proc ? h->proc->comm : h->comm) : s.owner_comm);
   Notice n{"close_wait_end", e.ts_ns, &shown};
-  n.add("duration_ms", static_cast<int64_t>((e.ts_ns - std::min<uint64_t>(e.ts_ns, s.entered_ns)) / 1'000'000));
-  n.add("stuck_ms", static_cast<int64_t>((e.ts_ns - std::min<uint64_t>(e.ts_ns, s.crossed_ns)) / 1'000'000));
+  n.add("duration_ms",
+        static_cast<int64_t>((e.ts_ns - std::min<uint64_t>(e.ts_ns, s.entered_ns)) / 1'000'000));
+  n.add("stuck_ms",
+        static_cast<int64_t>((e.ts_ns - std::min<uint64_t>(e.ts_ns, s.crossed_ns)) / 1'000'000));
   n.add("new", state_name(e.new_state));
   n.add_bool("preexisting", s.preexisting);
   out.notice(n);
@@ -202,8 +203,10 @@ void CloseWaitAnalyzer::check(uint64_t now_ns, NoticeOut& out) {
     uint64_t next = UINT64_MAX;
     waiting_.for_each([&](uint64_t conn, Waiting& w) {
       const uint64_t at = w.entered_ns + threshold_ns_;
-      if (at <= now_ns) due.emplace_back(w.entered_ns, conn);
-      else next = std::min(next, at);
+      if (at <= now_ns)
+        due.emplace_back(w.entered_ns, conn);
+      else
+        next = std::min(next, at);
     });
     std::sort(due.begin(), due.end());
     for (const auto& [entered, conn] : due) {
@@ -297,8 +300,8 @@ void CloseWaitAnalyzer::on_holder(const Event& e, NoticeOut&) {
     batch_conn_ = e.conn;
   }
   if (e.pid != 0) {
-    auto h = std::find_if(batch_.begin(), batch_.end(),
-                          [&](const Holder& x) { return x.pid == e.pid; });
+    auto h =
+        std::find_if(batch_.begin(), batch_.end(), [&](const Holder& x) { return x.pid == e.pid; });
     if (h == batch_.end()) {
       Holder nh;
       nh.pid = e.pid;
@@ -444,8 +447,10 @@ void CloseWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter& time) const {
     w.member("pid", static_cast<unsigned>(row_pid(r)));
     w.member("comm", row_comm(r));
     w.key("fd");
-    if (r.h && !r.h->fds.empty()) w.value(static_cast<int64_t>(r.h->fds.front()));
-    else w.null();
+    if (r.h && !r.h->fds.empty())
+      w.value(static_cast<int64_t>(r.h->fds.front()));
+    else
+      w.null();
     w.key("fds");
     w.begin_array();
     if (r.h)
@@ -474,8 +479,10 @@ void CloseWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter& time) const {
     w.member("stuck_at", time.rfc3339(s.crossed_ns));
     w.member("open", s.closed_ns == 0);
     w.key("closed");
-    if (s.closed_ns) w.value(time.rfc3339(s.closed_ns));
-    else w.null();
+    if (s.closed_ns)
+      w.value(time.rfc3339(s.closed_ns));
+    else
+      w.null();
     w.end_object();
   }
   w.end_array();
@@ -527,7 +534,8 @@ void CloseWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter& time) const {
   w.member("closed_after_stuck", closed_stuck_);
   w.member("closed_in_time", closed_in_time_);
   w.member("holders_resolved", holders_on_);
-  w.member("rows_omitted", static_cast<uint64_t>(rows.size() > kMaxRows ? rows.size() - kMaxRows : 0));
+  w.member("rows_omitted",
+           static_cast<uint64_t>(rows.size() > kMaxRows ? rows.size() - kMaxRows : 0));
   w.end_object();
 
   w.key("close_wait_scan");
@@ -551,7 +559,8 @@ void CloseWaitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
   const auto& rows = built.rows;
   const auto& procs = built.procs;
   auto o = std::back_inserter(out);
-  fmt::format_to(o, "\nCLOSE_WAIT: {} stuck (over {:.3f} s), {} still stuck at the end, {} closed "
+  fmt::format_to(o,
+                 "\nCLOSE_WAIT: {} stuck (over {:.3f} s), {} still stuck at the end, {} closed "
                  "late, {} closed in time; {} found at start\n",
                  stuck_list_.size(), seconds(threshold_ns_), stuck_open_.size(), closed_stuck_,
                  closed_in_time_, preexisting_);
@@ -576,12 +585,13 @@ void CloseWaitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
     fmt::format_to(o, "  pid {:<7} fd {:<4} {:<15} {}:{} -> {}:{}  {:.1f} s{}  recv_q {}{}\n",
                    row_pid(r), r.h && !r.h->fds.empty() ? fmt::format("{}", r.h->fds.front()) : "-",
                    row_comm(r), format_addr(s.family, s.laddr.data()).view(), s.lport,
-                   format_addr(s.family, s.raddr.data()).view(), s.rport,
-                   seconds(r.age_ns), s.preexisting ? "+" : "", unread_bytes(s.recv_q),
+                   format_addr(s.family, s.raddr.data()).view(), s.rport, seconds(r.age_ns),
+                   s.preexisting ? "+" : "", unread_bytes(s.recv_q),
                    s.closed_ns ? " (closed)" : "");
   }
   if (rounds_)
-    fmt::format_to(o, "  holder scans: {} rounds, {} fds in {} processes, {:.1f} ms in /proc "
+    fmt::format_to(o,
+                   "  holder scans: {} rounds, {} fds in {} processes, {:.1f} ms in /proc "
                    "(max {:.1f} ms a round), {:.1f} ms in iter/tcp\n",
                    rounds_, scan_fds_, scan_procs_, static_cast<double>(scan_ns_) / 1e6,
                    static_cast<double>(scan_max_ns_) / 1e6, static_cast<double>(iter_ns_) / 1e6);

@@ -14,9 +14,12 @@ namespace tcpscope {
 
 const char* attach_mode_name(AttachMode m) {
   switch (m) {
-    case AttachMode::TpBtf: return "tp_btf";
-    case AttachMode::RawTp: return "raw_tp";
-    case AttachMode::Tracepoint: return "tracepoint";
+    case AttachMode::TpBtf:
+      return "tp_btf";
+    case AttachMode::RawTp:
+      return "raw_tp";
+    case AttachMode::Tracepoint:
+      return "tracepoint";
   }
   return "?";
 }
@@ -40,8 +43,8 @@ constexpr const char* kTracefs = "/sys/kernel/tracing";
 
 const std::vector<std::string>& KernelFeatures::names() {
   static const std::vector<std::string> kNames = {
-      "btf", "ringbuf", "tp_btf", "raw_tp", "tracepoint",
-      "io_tracepoints", "reset_reason", "bpf_stats", "iter_tcp", "tw_timers"};
+      "btf",          "ringbuf",   "tp_btf",   "raw_tp",   "tracepoint", "io_tracepoints",
+      "reset_reason", "bpf_stats", "iter_tcp", "tw_timers"};
   return kNames;
 }
 
@@ -64,18 +67,12 @@ bool KernelFeatures::btf() { return probe("btf", &KernelFeatures::probe_btf); }
 bool KernelFeatures::ringbuf() { return probe("ringbuf", &KernelFeatures::probe_ringbuf); }
 bool KernelFeatures::tp_btf() { return probe("tp_btf", &KernelFeatures::probe_tp_btf); }
 bool KernelFeatures::raw_tp() { return probe("raw_tp", &KernelFeatures::probe_raw_tp); }
-bool KernelFeatures::tracepoint() {
-  return probe("tracepoint", &KernelFeatures::probe_tracepoint);
-}
-bool KernelFeatures::io_tracepoints() {
-  return probe("io_tracepoints", &KernelFeatures::probe_io);
-}
+bool KernelFeatures::tracepoint() { return probe("tracepoint", &KernelFeatures::probe_tracepoint); }
+bool KernelFeatures::io_tracepoints() { return probe("io_tracepoints", &KernelFeatures::probe_io); }
 bool KernelFeatures::reset_reason() {
   return probe("reset_reason", &KernelFeatures::probe_reset_reason);
 }
-bool KernelFeatures::bpf_stats() {
-  return probe("bpf_stats", &KernelFeatures::probe_bpf_stats);
-}
+bool KernelFeatures::bpf_stats() { return probe("bpf_stats", &KernelFeatures::probe_bpf_stats); }
 bool KernelFeatures::iter_tcp() { return probe("iter_tcp", &KernelFeatures::probe_iter_tcp); }
 
 bool KernelFeatures::tw_timers() { return probe("tw_timers", &KernelFeatures::probe_tw_timers); }
@@ -136,8 +133,7 @@ bool KernelFeatures::probe_raw_tp() {
 bool KernelFeatures::probe_tracepoint() {
   const std::string events = std::string(kTracefs) + "/events/sock/inet_sock_set_state";
   if (access(events.c_str(), F_OK) == 0) return true;
-  if (access("/sys/kernel/debug/tracing/events/sock/inet_sock_set_state", F_OK) == 0)
-    return true;
+  if (access("/sys/kernel/debug/tracing/events/sock/inet_sock_set_state", F_OK) == 0) return true;
   // tracefs is not always mounted; classic tracepoints need it.
   if (mount("tracefs", kTracefs, "tracefs", 0, nullptr) != 0) return false;
   return access(events.c_str(), F_OK) == 0;

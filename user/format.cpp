@@ -12,38 +12,54 @@ namespace tcpscope {
 
 std::string_view state_name(uint8_t state) {
   static constexpr std::string_view kNames[] = {
-      "UNKNOWN",   "ESTABLISHED", "SYN_SENT", "SYN_RECV",   "FIN_WAIT1",
-      "FIN_WAIT2", "TIME_WAIT",   "CLOSE",    "CLOSE_WAIT", "LAST_ACK",
+      "UNKNOWN",   "ESTABLISHED", "SYN_SENT",     "SYN_RECV",      "FIN_WAIT1",
+      "FIN_WAIT2", "TIME_WAIT",   "CLOSE",        "CLOSE_WAIT",    "LAST_ACK",
       "LISTEN",    "CLOSING",     "NEW_SYN_RECV", "BOUND_INACTIVE"};
   return state < std::size(kNames) ? kNames[state] : "UNKNOWN";
 }
 
 std::string_view reset_reason_name(uint32_t reason) {
   // enum sk_rst_reason, include/net/rstreason.h (6.10+).
-  static constexpr std::string_view kNames[] = {
-      "NOT_SPECIFIED",          "NO_SOCKET",
-      "TCP_INVALID_ACK_SEQUENCE", "TCP_RFC7323_PAWS",
-      "TCP_TOO_OLD_ACK",        "TCP_ACK_UNSENT_DATA",
-      "TCP_FLAGS",              "TCP_OLD_ACK",
-      "TCP_ABORT_ON_DATA",      "TCP_TIMEWAIT_SOCKET",
-      "INVALID_SYN",            "TCP_ABORT_ON_CLOSE",
-      "TCP_ABORT_ON_LINGER",    "TCP_ABORT_ON_MEMORY",
-      "TCP_STATE",              "TCP_KEEPALIVE_TIMEOUT",
-      "TCP_DISCONNECT_WITH_DATA"};
+  static constexpr std::string_view kNames[] = {"NOT_SPECIFIED",
+                                                "NO_SOCKET",
+                                                "TCP_INVALID_ACK_SEQUENCE",
+                                                "TCP_RFC7323_PAWS",
+                                                "TCP_TOO_OLD_ACK",
+                                                "TCP_ACK_UNSENT_DATA",
+                                                "TCP_FLAGS",
+                                                "TCP_OLD_ACK",
+                                                "TCP_ABORT_ON_DATA",
+                                                "TCP_TIMEWAIT_SOCKET",
+                                                "INVALID_SYN",
+                                                "TCP_ABORT_ON_CLOSE",
+                                                "TCP_ABORT_ON_LINGER",
+                                                "TCP_ABORT_ON_MEMORY",
+                                                "TCP_STATE",
+                                                "TCP_KEEPALIVE_TIMEOUT",
+                                                "TCP_DISCONNECT_WITH_DATA"};
   return reason < std::size(kNames) ? kNames[reason] : "OTHER";
 }
 
 std::string_view event_type_name(uint8_t type) {
   switch (type) {
-    case TCPSCOPE_EV_STATE: return "state";
-    case TCPSCOPE_EV_RETRANSMIT: return "retransmit";
-    case TCPSCOPE_EV_RESET_SENT: return "reset_sent";
-    case TCPSCOPE_EV_RESET_RECEIVED: return "reset_received";
-    case TCPSCOPE_EV_LOST: return "lost";
-    case TCPSCOPE_EV_VANISHED: return "vanished";
-    case TCPSCOPE_EV_END: return "end";
-    case TCPSCOPE_EV_STATS: return "stats";
-    default: return "unknown";
+    case TCPSCOPE_EV_STATE:
+      return "state";
+    case TCPSCOPE_EV_RETRANSMIT:
+      return "retransmit";
+    case TCPSCOPE_EV_RESET_SENT:
+      return "reset_sent";
+    case TCPSCOPE_EV_RESET_RECEIVED:
+      return "reset_received";
+    case TCPSCOPE_EV_LOST:
+      return "lost";
+    case TCPSCOPE_EV_VANISHED:
+      return "vanished";
+    case TCPSCOPE_EV_END:
+      return "end";
+    case TCPSCOPE_EV_STATS:
+      return "stats";
+    default:
+      return "unknown";
   }
 }
 

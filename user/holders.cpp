@@ -1,5 +1,5 @@
-#include "tcpscope/unique_fd.hpp"
 #include "tcpscope/holders.hpp"
+#include "tcpscope/unique_fd.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>

@@ -1,5 +1,5 @@
-#include "tcpscope/unique_fd.hpp"
 #include "live.hpp"
+#include "tcpscope/unique_fd.hpp"
 
 #include <signal.h>
 #include <sys/epoll.h>
@@ -13,17 +13,17 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <thread>
 #include <unordered_set>
-#include <cstring>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "tcpscope/audit.hpp"
 #include "tcpscope/format.hpp"
-#include "tcpscope/output.hpp"
 #include "tcpscope/holders.hpp"
+#include "tcpscope/output.hpp"
 #include "tcpscope/timewait.hpp"
 
 namespace tcpscope {
@@ -101,8 +101,8 @@ Event overhead_record(const BpfTracer& tracer, uint64_t now, uint64_t lost) {
   e.cgroup = lost;
   // Sockets whose owner the kernel side could not keep (socket table full):
   // traced all the same, but not silently degraded.
-  e.netns = static_cast<uint32_t>(
-      std::min<uint64_t>(tracer.drops(TCPSCOPE_DROP_SOCKMAP), UINT32_MAX));
+  e.netns =
+      static_cast<uint32_t>(std::min<uint64_t>(tracer.drops(TCPSCOPE_DROP_SOCKMAP), UINT32_MAX));
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   auto ms = [](const timeval& tv) {
@@ -119,8 +119,7 @@ Event overhead_record(const BpfTracer& tracer, uint64_t now, uint64_t lost) {
 // --stats: one line on stderr, for scripts (scripts/bench.sh parses it).
 // ring_fill: the fullest the ring was found (fraction); read_gap_ns: how
 // long it had not been read then; late_wakeups: BpfTracer::late_wakeups().
-void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns,
-                    uint64_t late_wakeups) {
+void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns, uint64_t late_wakeups) {
   const StatsFigures f = stats_figures(s);
   const double per_event = f.bpf_ns_per_event, per_run = f.bpf_ns_per_run,
                cpu_per_event = f.cpu_ns_per_event;
@@ -131,8 +130,8 @@ void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns,
              "max_rss_kib {} owners_not_kept {} ring_peak_fill_pct {:.1f} "
              "ring_peak_unread_ms {:.1f} ring_late_wakeups {}{}\n",
              s.sk, s.cgroup, stats_sampled_events(s), s.conn, s.aux, per_event, per_run,
-             s.reason / 1e3, s.seg_len / 1e3, cpu_per_event, s.rx_queue, s.netns,
-             ring_fill * 100, read_gap_ns / 1e6, late_wakeups,
+             s.reason / 1e3, s.seg_len / 1e3, cpu_per_event, s.rx_queue, s.netns, ring_fill * 100,
+             read_gap_ns / 1e6, late_wakeups,
              (s.sk_flags & TCPSCOPE_STATS_BPF) ? "" : " (no bpf stats)");
 }
 
@@ -185,8 +184,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     own_netns = own ? own.value() : 0;
   }
   std::optional<ResetCountCheck> resets;
-  if (cfg_.audit_ms > 0 && own_netns && (!f.netns || f.netns == own_netns) && !f.port &&
-      !f.lport && !f.rport && !f.family && !f.pid && !f.cgroup_id) {
+  if (cfg_.audit_ms > 0 && own_netns && (!f.netns || f.netns == own_netns) && !f.port && !f.lport &&
+      !f.rport && !f.family && !f.pid && !f.cgroup_id) {
     if (const auto base = read_out_rsts(cfg_.netns_path)) resets.emplace(*base);
   }
   const Consumer feed = [&holders, &consume, &seen_at_snapshot, &resets,
@@ -265,7 +264,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     c.seg_len = hi;
     c.aux = (tracer.tw_timers_on() ? TCPSCOPE_CONFIG_TW_TIMERS : 0) |
             (cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter() ? TCPSCOPE_CONFIG_TW_SWEEP : 0) |
-            (hcfg.resolve ? TCPSCOPE_CONFIG_HOLDERS : 0) | (snapshot ? TCPSCOPE_CONFIG_SNAPSHOT : 0);
+            (hcfg.resolve ? TCPSCOPE_CONFIG_HOLDERS : 0) |
+            (snapshot ? TCPSCOPE_CONFIG_SNAPSHOT : 0);
     c.tx_queue = static_cast<uint32_t>(std::min<uint64_t>(cw_ms, UINT32_MAX));
     consume(c);
   }
@@ -303,8 +303,8 @@ int LiveSession::run(double duration_s, const Consumer& consume,
         e.aux = r.ino;
         e.reason = r.uid;
         e.seg_len = r.last_ack_ns && r.last_ack_ns <= r.ts_ns
-                        ? static_cast<uint32_t>(
-                              std::min<uint64_t>((r.ts_ns - r.last_ack_ns) / 1'000'000, 0xfffffffeu))
+                        ? static_cast<uint32_t>(std::min<uint64_t>(
+                              (r.ts_ns - r.last_ack_ns) / 1'000'000, 0xfffffffeu))
                         : 0xffffffffu;
         e.sk_flags = TCPSCOPE_SK_SNAPSHOT;
         feed(e);
@@ -366,8 +366,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     // 8 bytes a socket of the namespace, for the pass only: not kept.
     std::vector<uint64_t> present;
     auto got = tracer.read_sockets(
-        TCPSCOPE_ITER_AUDIT, [&present](const SockRecord& r) { present.push_back(r.conn); },
-        [] {});
+        TCPSCOPE_ITER_AUDIT, [&present](const SockRecord& r) { present.push_back(r.conn); }, [] {});
     if (!got) {
       spdlog::warn("connection audit failed: {}", got.error().message);
       return;
@@ -417,8 +416,10 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     for (int i = 0; i < n; ++i) {
       if (evs[i].data.fd != signals.fd()) continue;
       while (const int sig = signals.pending()) {
-        if (sig == SIGUSR1) on_usr1_();
-        else stop = true;
+        if (sig == SIGUSR1)
+          on_usr1_();
+        else
+          stop = true;
       }
     }
     const bool found = tracer.consume() > 0;
@@ -485,10 +486,11 @@ int LiveSession::run(double duration_s, const Consumer& consume,
       overhead_record(tracer, end_ns, reported_lost + (resets ? resets->missing() : 0));
   consume(stats);
   if (const uint64_t full = tracer.drops(TCPSCOPE_DROP_RINGBUF))
-    spdlog::warn("{} records lost with the ring buffer full: it was found up to {:.0f}% full, "
-                 "then after {:.0f} ms without a read; raise --ring-size (now {} KiB)",
-                 full, tracer.ring_peak_fill() * 100, tracer.ring_peak_read_gap_ns() / 1e6,
-                 cfg_.ring_bytes / 1024);
+    spdlog::warn(
+        "{} records lost with the ring buffer full: it was found up to {:.0f}% full, "
+        "then after {:.0f} ms without a read; raise --ring-size (now {} KiB)",
+        full, tracer.ring_peak_fill() * 100, tracer.ring_peak_read_gap_ns() / 1e6,
+        cfg_.ring_bytes / 1024);
   if (cfg_.print_stats)
     print_overhead(stats, tracer.ring_peak_fill(), tracer.ring_peak_read_gap_ns(),
                    tracer.late_wakeups());

@@ -33,9 +33,15 @@ int libbpf_to_spdlog(enum libbpf_print_level level, const char* fmt, va_list arg
   std::string_view msg(buf, n < 0 ? 0 : std::min<size_t>(static_cast<size_t>(n), sizeof(buf) - 1));
   while (!msg.empty() && msg.back() == '\n') msg.remove_suffix(1);
   switch (level) {
-    case LIBBPF_WARN: spdlog::debug("libbpf: {}", msg); break;  // fallbacks warn by design
-    case LIBBPF_INFO: spdlog::debug("libbpf: {}", msg); break;
-    case LIBBPF_DEBUG: spdlog::trace("libbpf: {}", msg); break;
+    case LIBBPF_WARN:
+      spdlog::debug("libbpf: {}", msg);
+      break;  // fallbacks warn by design
+    case LIBBPF_INFO:
+      spdlog::debug("libbpf: {}", msg);
+      break;
+    case LIBBPF_DEBUG:
+      spdlog::trace("libbpf: {}", msg);
+      break;
   }
   return 0;
 }
@@ -128,12 +134,20 @@ int main(int argc, char** argv) {
   libbpf_set_print(libbpf_to_spdlog);
   try {
     switch (o.command) {
-      case Options::Command::Help: fmt::print("{}", o.help_text); return 0;
-      case Options::Command::Version: fmt::print("tcpscope {}\n", TCPSCOPE_VERSION); return 0;
-      case Options::Command::Info: return run_info(o);
-      case Options::Command::Trace: return run_trace(o);
-      case Options::Command::Record: return run_record(o);
-      case Options::Command::Report: return run_report(o);
+      case Options::Command::Help:
+        fmt::print("{}", o.help_text);
+        return 0;
+      case Options::Command::Version:
+        fmt::print("tcpscope {}\n", TCPSCOPE_VERSION);
+        return 0;
+      case Options::Command::Info:
+        return run_info(o);
+      case Options::Command::Trace:
+        return run_trace(o);
+      case Options::Command::Record:
+        return run_record(o);
+      case Options::Command::Report:
+        return run_report(o);
     }
   } catch (const std::exception& e) {
     fail(Error{e.what()});

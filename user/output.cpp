@@ -273,9 +273,11 @@ void FdWriter::flush() {
 // ---- helpers -------------------------------------------------------------------
 
 std::string_view tcp_flags_text(uint8_t flags, std::array<char, 32>& buf) {
-  static constexpr std::pair<uint8_t, std::string_view> kFlags[] = {
-      {TCPSCOPE_TCP_SYN, "SYN"}, {TCPSCOPE_TCP_FIN, "FIN"}, {TCPSCOPE_TCP_RST, "RST"},
-      {TCPSCOPE_TCP_PSH, "PSH"}, {TCPSCOPE_TCP_ACK, "ACK"}};
+  static constexpr std::pair<uint8_t, std::string_view> kFlags[] = {{TCPSCOPE_TCP_SYN, "SYN"},
+                                                                    {TCPSCOPE_TCP_FIN, "FIN"},
+                                                                    {TCPSCOPE_TCP_RST, "RST"},
+                                                                    {TCPSCOPE_TCP_PSH, "PSH"},
+                                                                    {TCPSCOPE_TCP_ACK, "ACK"}};
   size_t n = 0;
   for (auto [bit, name] : kFlags) {
     if (!(flags & bit)) continue;
@@ -292,10 +294,14 @@ std::string_view comm_of(const char* comm) { return {comm, strnlen(comm, 16)}; }
 
 std::string_view owner_src_name(uint8_t src) {
   switch (src) {
-    case TCPSCOPE_OWNER_SYSCALL: return "syscall";
-    case TCPSCOPE_OWNER_LISTENER: return "listener";
-    case TCPSCOPE_OWNER_IO: return "io";
-    default: return "none";
+    case TCPSCOPE_OWNER_SYSCALL:
+      return "syscall";
+    case TCPSCOPE_OWNER_LISTENER:
+      return "listener";
+    case TCPSCOPE_OWNER_IO:
+      return "io";
+    default:
+      return "none";
   }
 }
 
@@ -316,11 +322,10 @@ Identity identity_of(const Tracked& t) {
   const Event& e = *t.ev;
   if (t.conn) {
     const Connection& c = *t.conn;
-    return {c.id, c.netns, c.family, c.laddr.data(), c.raddr.data(), c.lport,
-            c.rport, c.pid, comm_of(c.comm.data())};
+    return {c.id,    c.netns, c.family, c.laddr.data(),        c.raddr.data(),
+            c.lport, c.rport, c.pid,    comm_of(c.comm.data())};
   }
-  return {e.conn, e.netns, e.family, e.laddr, e.raddr, e.lport,
-          e.rport, e.pid, comm_of(e.comm)};
+  return {e.conn, e.netns, e.family, e.laddr, e.raddr, e.lport, e.rport, e.pid, comm_of(e.comm)};
 }
 
 // Room for the identity members: addresses, numbers and an escaped comm.
@@ -329,8 +334,10 @@ constexpr size_t kIdentityRoom = 384;
 // ,"conn":...,"comm":"..." as JsonWriter's members would write them.
 void put_identity_json(LineWriter& line, const Identity& id) {
   line.lit(",\"conn\":");
-  if (id.conn) line.uint(id.conn);
-  else line.lit("null");
+  if (id.conn)
+    line.uint(id.conn);
+  else
+    line.lit("null");
   line.lit(",\"netns\":");
   line.uint(id.netns);
   line.lit(",\"family\":");
@@ -350,8 +357,10 @@ void put_identity_json(LineWriter& line, const Identity& id) {
 }
 
 void write_identity(JsonWriter& w, const Identity& id) {
-  if (id.conn) w.member("conn", id.conn);
-  else w.key("conn"), w.null();
+  if (id.conn)
+    w.member("conn", id.conn);
+  else
+    w.key("conn"), w.null();
   w.member("netns", static_cast<unsigned>(id.netns));
   w.member("family", static_cast<unsigned>(id.family));
   w.member("laddr", format_addr(id.family, id.laddr).view());
@@ -363,8 +372,8 @@ void write_identity(JsonWriter& w, const Identity& id) {
 }
 
 Identity identity_of(const Connection& c) {
-  return {c.id, c.netns, c.family, c.laddr.data(), c.raddr.data(), c.lport,
-          c.rport, c.pid, comm_of(c.comm.data())};
+  return {c.id,    c.netns, c.family, c.laddr.data(),        c.raddr.data(),
+          c.lport, c.rport, c.pid,    comm_of(c.comm.data())};
 }
 
 }  // namespace
@@ -400,8 +409,7 @@ void write_stats(JsonWriter& w, const Event& e) {
 
 // ---- JsonLinesSink ---------------------------------------------------------------
 
-void JsonLinesSink::write_start(uint64_t ts_ns,
-                                const std::function<void(JsonWriter&)>& members) {
+void JsonLinesSink::write_start(uint64_t ts_ns, const std::function<void(JsonWriter&)>& members) {
   JsonWriter w(out_.buf());
   w.begin_object();
   w.member("type", "start");
@@ -418,8 +426,8 @@ namespace {
 bool is_public_record(uint8_t type) {
   // Resets come out as reset_sent/reset_received notices of the reset
   // analysis, which adds their cause.
-  return type == TCPSCOPE_EV_STATE || type == TCPSCOPE_EV_RETRANSMIT ||
-         type == TCPSCOPE_EV_LOST || type == TCPSCOPE_EV_STATS || type == TCPSCOPE_EV_VANISHED;
+  return type == TCPSCOPE_EV_STATE || type == TCPSCOPE_EV_RETRANSMIT || type == TCPSCOPE_EV_LOST ||
+         type == TCPSCOPE_EV_STATS || type == TCPSCOPE_EV_VANISHED;
 }
 }  // namespace
 
@@ -440,8 +448,10 @@ void JsonLinesSink::on_event(const Tracked& t) {
       line.lit("\",\"new\":\"");
       line.text(state_name(e.new_state));
       line.lit("\",\"ms\":");
-      if (t.prev_state_ns >= 0) line.ms(t.prev_state_ns);
-      else line.lit("null");
+      if (t.prev_state_ns >= 0)
+        line.ms(t.prev_state_ns);
+      else
+        line.lit("null");
       line.lit(",\"owner\":\"");
       line.text(owner_src_name(t.conn ? t.conn->owner_src : e.owner_src));
       line.lit("\",\"rx_queue\":");
@@ -479,8 +489,10 @@ void JsonLinesSink::on_event(const Tracked& t) {
       w.member("old", state_name(e.old_state));
       w.member("new", state_name(e.new_state));
       w.key("ms");
-      if (t.prev_state_ns >= 0) w.value(static_cast<double>(t.prev_state_ns) / 1e6);
-      else w.null();
+      if (t.prev_state_ns >= 0)
+        w.value(static_cast<double>(t.prev_state_ns) / 1e6);
+      else
+        w.null();
       break;
     case TCPSCOPE_EV_RETRANSMIT:
       w.member("state", state_name(e.old_state));
@@ -492,7 +504,7 @@ void JsonLinesSink::on_event(const Tracked& t) {
       break;
     case TCPSCOPE_EV_RESET_SENT:
       w.member("state", (e.sk_flags & TCPSCOPE_SK_NO_SOCKET) ? std::string_view("NONE")
-                                                              : state_name(e.old_state));
+                                                             : state_name(e.old_state));
       w.member("reason", reset_reason_name(e.reason));
       w.member("seg_flags", tcp_flags_text(e.tcp_flags, fbuf));
       w.member("seg_len", static_cast<unsigned>(e.seg_len));
@@ -505,8 +517,10 @@ void JsonLinesSink::on_event(const Tracked& t) {
       // The last state seen, and for how long before the audit missed it.
       w.member("state", state_name(e.old_state));
       w.key("ms");
-      if (e.aux && e.aux <= e.ts_ns) w.value(static_cast<double>(e.ts_ns - e.aux) / 1e6);
-      else w.null();
+      if (e.aux && e.aux <= e.ts_ns)
+        w.value(static_cast<double>(e.ts_ns - e.aux) / 1e6);
+      else
+        w.null();
       break;
     default:
       break;
@@ -546,9 +560,12 @@ void JsonLinesSink::on_notice(const Notice& n) {
       line.ch(',');
       line.json_string(f.key);
       line.ch(':');
-      if (f.is_text) line.json_string(f.text);
-      else if (f.is_bool) f.number != 0 ? line.lit("true") : line.lit("false");
-      else line.sint(f.number);
+      if (f.is_text)
+        line.json_string(f.text);
+      else if (f.is_bool)
+        f.number != 0 ? line.lit("true") : line.lit("false");
+      else
+        line.sint(f.number);
     }
     line.lit("}\n");
   }
@@ -583,8 +600,10 @@ void put_endpoint(LineWriter& line, uint8_t family, const uint8_t* addr, uint16_
   if (family == 6) line.ch(']');
   line.ch(':');
   line.uint_padded(port, 5);
-  if (line.pos() >= start + column) line.ch(' ');
-  else line.pad(start, column);
+  if (line.pos() >= start + column)
+    line.ch(' ');
+  else
+    line.pad(start, column);
 }
 
 void table_prefix(LineWriter& line, TimeFormatter& time, uint64_t ts, const Identity& id) {
@@ -598,8 +617,7 @@ void table_prefix(LineWriter& line, TimeFormatter& time, uint64_t ts, const Iden
   put_endpoint(line, id.family, id.raddr, id.rport, 22);
 }
 
-void table_prefix(fmt::memory_buffer& out, TimeFormatter& time, uint64_t ts,
-                  const Identity& id) {
+void table_prefix(fmt::memory_buffer& out, TimeFormatter& time, uint64_t ts, const Identity& id) {
   LineWriter line(out, kPrefixRoom);
   table_prefix(line, time, ts, id);
 }
@@ -607,9 +625,8 @@ void table_prefix(fmt::memory_buffer& out, TimeFormatter& time, uint64_t ts,
 
 void TableSink::write_header() {
   fmt::format_to(std::back_inserter(out_.buf()),
-                 "{:<12} {:<7} {:<15} {:<21} {:<21} {:<11} -> {:<11} {}\n", "TIME",
-                 "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "OLDSTATE", "NEWSTATE",
-                 "MS");
+                 "{:<12} {:<7} {:<15} {:<21} {:<21} {:<11} -> {:<11} {}\n", "TIME", "PID", "COMM",
+                 "LADDR:LPORT", "RADDR:RPORT", "OLDSTATE", "NEWSTATE", "MS");
   out_.flush();
 }
 
@@ -626,8 +643,10 @@ void TableSink::on_event(const Tracked& t) {
       line.lit(" -> ");
       line.padded(state_name(e.new_state), 11);
       line.ch(' ');
-      if (t.prev_state_ns >= 0) line.ms(t.prev_state_ns);
-      else line.ch('-');
+      if (t.prev_state_ns >= 0)
+        line.ms(t.prev_state_ns);
+      else
+        line.ch('-');
       line.ch('\n');
       break;
     }
@@ -652,8 +671,7 @@ void TableSink::on_event(const Tracked& t) {
       fmt::format_to(o, "VANISHED in {}: gone from the socket table, its end was lost\n",
                      state_name(e.old_state));
       break;
-    case TCPSCOPE_EV_LOST:
-    {
+    case TCPSCOPE_EV_LOST: {
       const uint64_t skipped = std::min(e.aux, e.conn);
       fmt::format_to(o, "{} LOST {} events (", time_.clock(e.ts_ns), e.conn);
       if (skipped < e.conn) fmt::format_to(o, "{} ring buffer full", e.conn - skipped);
@@ -662,19 +680,20 @@ void TableSink::on_event(const Tracked& t) {
       if (e.reason == TCPSCOPE_EV_RESET_SENT)
         fmt::format_to(o, ": resets the kernel counted as sent (TcpOutRsts), never traced");
       fmt::format_to(o, ")\n");
-    }
-      break;
+    } break;
     case TCPSCOPE_EV_STATS: {
       const StatsFigures v = stats_figures(e);
-      fmt::format_to(o, "{} tcpscope overhead: {} events, {} lost", time_.clock(e.ts_ns),
-                     e.sk, e.cgroup);
-      if (v.bpf) fmt::format_to(o, ", BPF {:.1f} ns/event ({} runs, {:.1f} ns/run)",
-                                v.bpf_ns_per_event, e.conn, v.bpf_ns_per_run);
+      fmt::format_to(o, "{} tcpscope overhead: {} events, {} lost", time_.clock(e.ts_ns), e.sk,
+                     e.cgroup);
+      if (v.bpf)
+        fmt::format_to(o, ", BPF {:.1f} ns/event ({} runs, {:.1f} ns/run)", v.bpf_ns_per_event,
+                       e.conn, v.bpf_ns_per_run);
       fmt::format_to(o, ", CPU user {:.3f} s sys {:.3f} s ({:.0f} ns/event), peak RSS {:.1f} MiB",
                      e.reason / 1e3, e.seg_len / 1e3, v.cpu_ns_per_event, e.rx_queue / 1024.0);
       if (e.netns)
-        fmt::format_to(o, ", {} sockets traced without owner (socket table full: raise "
-                          "--max-sockets)",
+        fmt::format_to(o,
+                       ", {} sockets traced without owner (socket table full: raise "
+                       "--max-sockets)",
                        e.netns);
       out.push_back('\n');
       break;
@@ -700,9 +719,12 @@ void TableSink::on_notice(const Notice& n) {
       line.ch(' ');
       line.text(f.key);
       line.ch('=');
-      if (f.is_text) line.text(f.text);
-      else if (f.is_bool) line.text(f.number ? "yes" : "no");
-      else line.sint(f.number);
+      if (f.is_text)
+        line.text(f.text);
+      else if (f.is_bool)
+        line.text(f.number ? "yes" : "no");
+      else
+        line.sint(f.number);
     }
     line.ch('\n');
   }

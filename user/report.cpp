@@ -130,13 +130,14 @@ void ConnectionsAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
 void ConnectionsAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
                                      const TextStyle&) const {
   auto o = std::back_inserter(out);
-  fmt::format_to(o, "\nConnections: {} (active open {}, passive open {}, "
+  fmt::format_to(o,
+                 "\nConnections: {} (active open {}, passive open {}, "
                  "seen mid-life {}); listeners: {}\n",
                  total_, by_open_[1], by_open_[2], by_open_[0], listeners_);
   fmt::format_to(o, "  closed by:");
   for (int k = 1; k < kCloseKindCount; ++k)
-    fmt::format_to(o, " {} {}{}", close_kind_name(static_cast<CloseKind>(k)),
-                   by_close_[k], k + 1 < kCloseKindCount ? "," : "");
+    fmt::format_to(o, " {} {}{}", close_kind_name(static_cast<CloseKind>(k)), by_close_[k],
+                   k + 1 < kCloseKindCount ? "," : "");
   fmt::format_to(o, "; still open {}\n", by_close_[0]);
 }
 
@@ -147,8 +148,9 @@ bool row_less(const RetransmitAnalyzer::Row& a, const RetransmitAnalyzer::Row& b
   // "less" = ranks lower: fewer retransmits, then the larger id.
   return a.count != b.count ? a.count < b.count : a.conn.id > b.conn.id;
 }
-auto row_heap_cmp = [](const RetransmitAnalyzer::Row& a,
-                       const RetransmitAnalyzer::Row& b) { return row_less(b, a); };
+auto row_heap_cmp = [](const RetransmitAnalyzer::Row& a, const RetransmitAnalyzer::Row& b) {
+  return row_less(b, a);
+};
 }  // namespace
 
 void RetransmitAnalyzer::on_event(const Tracked& t, NoticeOut&) {
@@ -232,11 +234,11 @@ void RetransmitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
   int n = 0;
   for (const Row& r : top()) {
     if (n++ >= style.top) break;
-    fmt::format_to(o, "  {:>6}  {}:{} -> {}:{}  pid {} {}  last in {}{}\n",
-                   r.count, format_addr(r.conn.family, r.conn.laddr.data()).view(),
-                   r.conn.lport, format_addr(r.conn.family, r.conn.raddr.data()).view(),
-                   r.conn.rport, r.conn.pid, comm_view(r.conn.comm),
-                   state_name(r.last_state), r.fin ? fmt::format(" ({} FIN)", r.fin) : "");
+    fmt::format_to(o, "  {:>6}  {}:{} -> {}:{}  pid {} {}  last in {}{}\n", r.count,
+                   format_addr(r.conn.family, r.conn.laddr.data()).view(), r.conn.lport,
+                   format_addr(r.conn.family, r.conn.raddr.data()).view(), r.conn.rport, r.conn.pid,
+                   comm_view(r.conn.comm), state_name(r.last_state),
+                   r.fin ? fmt::format(" ({} FIN)", r.fin) : "");
   }
 }
 
@@ -260,8 +262,7 @@ void LostAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
   w.member("lost_gaps", gaps_);
 }
 
-void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
-                              const TextStyle&) const {
+void LostAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&, const TextStyle&) const {
   auto o = std::back_inserter(out);
   fmt::format_to(o, "\nLost events: {}\n", lost_);
   if (lost_ > skipped_)

@@ -17,13 +17,23 @@ constexpr size_t kLateFinMax = 1000;
 
 // enum sk_rst_reason, lower case: the cause when nothing more specific fits.
 std::string_view reason_cause(uint32_t reason) {
-  static constexpr std::string_view kNames[] = {
-      "not_specified",       "no_socket",          "tcp_invalid_ack_sequence",
-      "tcp_rfc7323_paws",    "tcp_too_old_ack",    "tcp_ack_unsent_data",
-      "tcp_flags",           "tcp_old_ack",        "tcp_abort_on_data",
-      "tcp_timewait_socket", "invalid_syn",        "tcp_abort_on_close",
-      "tcp_abort_on_linger", "tcp_abort_on_memory", "tcp_state",
-      "tcp_keepalive_timeout", "tcp_disconnect_with_data"};
+  static constexpr std::string_view kNames[] = {"not_specified",
+                                                "no_socket",
+                                                "tcp_invalid_ack_sequence",
+                                                "tcp_rfc7323_paws",
+                                                "tcp_too_old_ack",
+                                                "tcp_ack_unsent_data",
+                                                "tcp_flags",
+                                                "tcp_old_ack",
+                                                "tcp_abort_on_data",
+                                                "tcp_timewait_socket",
+                                                "invalid_syn",
+                                                "tcp_abort_on_close",
+                                                "tcp_abort_on_linger",
+                                                "tcp_abort_on_memory",
+                                                "tcp_state",
+                                                "tcp_keepalive_timeout",
+                                                "tcp_disconnect_with_data"};
   return reason < std::size(kNames) ? kNames[reason] : "other";
 }
 
@@ -93,18 +103,21 @@ void ResetAnalyzer::on_close(const Connection& c, uint64_t ts) {
   closed_order_.emplace_back(ts, k);
 }
 
-std::string_view ResetAnalyzer::cause_without_socket(const Event& e,
-                                                     const Closed* closed) const {
+std::string_view ResetAnalyzer::cause_without_socket(const Event& e, const Closed* closed) const {
   if (closed) {
     if (!closed->own_rst_cause.empty()) return closed->own_rst_cause;
     if (const auto* f = tw_ ? tw_->fate(TupleKey::of(e)) : nullptr) {
       switch (f->fate) {
-        case TimeWaitAnalyzer::Fate::Skipped: return "no_time_wait";
-        case TimeWaitAnalyzer::Fate::FinWait2Timeout: return "fin_wait2_timeout";
-        case TimeWaitAnalyzer::Fate::Killed: return "tw_killed";
+        case TimeWaitAnalyzer::Fate::Skipped:
+          return "no_time_wait";
+        case TimeWaitAnalyzer::Fate::FinWait2Timeout:
+          return "fin_wait2_timeout";
+        case TimeWaitAnalyzer::Fate::Killed:
+          return "tw_killed";
         case TimeWaitAnalyzer::Fate::Expired:
           return f->substate == kTcpFinWait2 ? "fin_wait2_timeout" : "time_wait_expired";
-        case TimeWaitAnalyzer::Fate::Open: break;
+        case TimeWaitAnalyzer::Fate::Open:
+          break;
       }
     }
     return reason_cause(e.reason);
@@ -178,8 +191,12 @@ void ResetAnalyzer::on_reset_sent(const Tracked& t, NoticeOut& out) {
     identity = &shown;
   } else {
     switch (e.reason) {
-      case 8: cause = "data_after_close"; break;  // TCP_ABORT_ON_DATA
-      case 11: cause = "unread_data"; break;      // TCP_ABORT_ON_CLOSE
+      case 8:
+        cause = "data_after_close";
+        break;  // TCP_ABORT_ON_DATA
+      case 11:
+        cause = "unread_data";
+        break;  // TCP_ABORT_ON_CLOSE
       case 14:  // TCP_STATE: tcp_disconnect() (SO_LINGER 0) or FIN_WAIT2 timer
         cause = e.old_state == kTcpFinWait2 ? "fin_wait2_timeout" : "linger_abort";
         break;
@@ -189,15 +206,16 @@ void ResetAnalyzer::on_reset_sent(const Tracked& t, NoticeOut& out) {
         else
           cause = reason_cause(e.reason);
         break;
-      default: cause = reason_cause(e.reason); break;
+      default:
+        cause = reason_cause(e.reason);
+        break;
     }
     identity = t.conn;
     if (t.conn && e.reason == 8) {
       // TCP_ABORT_ON_DATA from FIN_WAIT1/2: tcp_reset() on our own socket
       // fired tcp_receive_reset just before; no RST was received.
       std::erase_if(pending_received_, [&](const PendingReceived& p) {
-        return p.conn.id == t.conn->id &&
-               (p.state == kTcpFinWait1 || p.state == kTcpFinWait2);
+        return p.conn.id == t.conn->id && (p.state == kTcpFinWait1 || p.state == kTcpFinWait2);
       });
     }
     if (t.conn) {
@@ -312,9 +330,7 @@ void ResetAnalyzer::flush_received(uint64_t now_ns, NoticeOut& out) {
   }
 }
 
-void ResetAnalyzer::finish(uint64_t, NoticeOut& out) {
-  flush_received(UINT64_MAX, out);
-}
+void ResetAnalyzer::finish(uint64_t, NoticeOut& out) { flush_received(UINT64_MAX, out); }
 
 void ResetAnalyzer::write_json(JsonWriter& w, TimeFormatter& time) const {
   w.key("resets");
@@ -344,8 +360,10 @@ void ResetAnalyzer::write_json(JsonWriter& w, TimeFormatter& time) const {
   for (const LateFin& lf : late_fins_) {
     w.begin_object();
     w.member("time", time.rfc3339(lf.ts_ns));
-    if (lf.conn) w.member("conn", lf.conn);
-    else w.key("conn"), w.null();
+    if (lf.conn)
+      w.member("conn", lf.conn);
+    else
+      w.key("conn"), w.null();
     w.member("family", static_cast<unsigned>(lf.tuple.family));
     w.member("laddr", format_addr(lf.tuple.family, lf.tuple.laddr.data()).view());
     w.member("lport", static_cast<unsigned>(lf.tuple.lport));
@@ -354,8 +372,10 @@ void ResetAnalyzer::write_json(JsonWriter& w, TimeFormatter& time) const {
     w.member("pid", static_cast<unsigned>(lf.pid));
     w.member("comm", std::string_view(lf.comm.data(), strnlen(lf.comm.data(), 16)));
     w.key("since_close_ms");
-    if (lf.since_close_ms >= 0) w.value(lf.since_close_ms);
-    else w.null();
+    if (lf.since_close_ms >= 0)
+      w.value(lf.since_close_ms);
+    else
+      w.null();
     w.member("cause", lf.cause);
     w.member("reason", reset_reason_name(lf.reason));
     w.member("seg_flags", tcp_flags_text(lf.seg_flags, fbuf));
@@ -400,11 +420,11 @@ void ResetAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter& time,
       break;
     }
     fmt::format_to(o, "  {} {}:{} <- {}:{}  pid {} {}  {} ms after close  [{}]  cause {}",
-                   time.clock(lf.ts_ns),
-                   format_addr(lf.tuple.family, lf.tuple.laddr.data()).view(), lf.tuple.lport,
-                   format_addr(lf.tuple.family, lf.tuple.raddr.data()).view(), lf.tuple.rport,
-                   lf.pid, std::string_view(lf.comm.data(), strnlen(lf.comm.data(), 16)),
-                   lf.since_close_ms, tcp_flags_text(lf.seg_flags, fbuf), lf.cause);
+                   time.clock(lf.ts_ns), format_addr(lf.tuple.family, lf.tuple.laddr.data()).view(),
+                   lf.tuple.lport, format_addr(lf.tuple.family, lf.tuple.raddr.data()).view(),
+                   lf.tuple.rport, lf.pid,
+                   std::string_view(lf.comm.data(), strnlen(lf.comm.data(), 16)), lf.since_close_ms,
+                   tcp_flags_text(lf.seg_flags, fbuf), lf.cause);
     if (lf.peer_conn)
       fmt::format_to(o, "; peer pid {} {} reset in {}", lf.peer_pid,
                      std::string_view(lf.peer_comm.data(), strnlen(lf.peer_comm.data(), 16)),

@@ -29,12 +29,10 @@ Result<std::unique_ptr<RingReader>> RingReader::open(int map_fd, uint32_t max_en
     return Error{std::string("mapping the ring buffer's data: ") + std::strerror(errno)};
   r->producer_map_ = prod;
   const auto* data = static_cast<const uint8_t*>(prod) + r->page_size_;
-  r->consumer_ = std::make_unique<RingConsumer>(static_cast<uint64_t*>(cons),
-                                                static_cast<const uint64_t*>(prod), data,
-                                                max_entries);
+  r->consumer_ = std::make_unique<RingConsumer>(
+      static_cast<uint64_t*>(cons), static_cast<const uint64_t*>(prod), data, max_entries);
   r->epoll_ = UniqueFd(epoll_create1(EPOLL_CLOEXEC));
-  if (!r->epoll_.valid())
-    return Error{std::string("epoll_create1: ") + std::strerror(errno)};
+  if (!r->epoll_.valid()) return Error{std::string("epoll_create1: ") + std::strerror(errno)};
   epoll_event ev{};
   ev.events = EPOLLIN;
   if (epoll_ctl(r->epoll_.get(), EPOLL_CTL_ADD, map_fd, &ev) != 0)

@@ -71,9 +71,9 @@ size_t TupleKeyHash::operator()(const TupleKey& k) const {
   uint64_t w[4];
   std::memcpy(w, k.laddr.data(), 16);
   std::memcpy(w + 2, k.raddr.data(), 16);
-  uint64_t h = (static_cast<uint64_t>(k.netns) << 32 | static_cast<uint64_t>(k.lport) << 16 |
-                k.rport) ^
-               (static_cast<uint64_t>(k.family) << 56);
+  uint64_t h =
+      (static_cast<uint64_t>(k.netns) << 32 | static_cast<uint64_t>(k.lport) << 16 | k.rport) ^
+      (static_cast<uint64_t>(k.family) << 56);
   constexpr uint64_t kMul = 0x9e3779b97f4a7c15ull;
   for (uint64_t x : w) h = (h ^ x) * kMul, h ^= h >> 32;
   h *= 0xff51afd7ed558ccdull;
@@ -171,11 +171,16 @@ void TimeWaitSweep::finish(uint64_t start_ns, uint64_t end_ns, uint32_t interval
 
 std::string_view TimeWaitAnalyzer::cause_name(EndCause c) {
   switch (c) {
-    case EndCause::Expired: return "expired";
-    case EndCause::Recycled: return "recycled";
-    case EndCause::Reused: return "reused";
-    case EndCause::Reset: return "reset";
-    default: return "?";
+    case EndCause::Expired:
+      return "expired";
+    case EndCause::Recycled:
+      return "recycled";
+    case EndCause::Reused:
+      return "reused";
+    case EndCause::Reset:
+      return "reset";
+    default:
+      return "?";
   }
 }
 
@@ -294,8 +299,7 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
       return;
   }
   if (!t.conn) return;
-  if (e.new_state == kTcpClose &&
-      (e.old_state == kTcpFinWait2 || e.old_state == kTcpClosing)) {
+  if (e.new_state == kTcpClose && (e.old_state == kTcpFinWait2 || e.old_state == kTcpClosing)) {
     enter(t, out);
   } else if ((e.new_state == kTcpSynRecv && t.conn->open_kind == OpenKind::Passive) ||
              (e.old_state == kTcpSynSent && e.new_state == kTcpEstablished)) {
@@ -304,15 +308,15 @@ void TimeWaitAnalyzer::on_event(const Tracked& t, NoticeOut& out) {
 }
 
 const TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::open_find(uint64_t conn) const {
-  const uint32_t i = open_by_conn_.find(
-      CookieHash{}(conn), [&](uint32_t h) { return open_slot(h).conn == conn; });
+  const uint32_t i =
+      open_by_conn_.find(CookieHash{}(conn), [&](uint32_t h) { return open_slot(h).conn == conn; });
   return i == HandleIndex::kNone ? nullptr : &open_slot(i);
 }
 
 const TimeWaitAnalyzer::Tw* TimeWaitAnalyzer::open_find_tuple(const TupleKey& tuple,
                                                               uint64_t tuple_hash) const {
-  const uint32_t i = open_by_tuple_.find(
-      tuple_hash, [&](uint32_t h) { return open_slot(h).tuple == tuple; });
+  const uint32_t i =
+      open_by_tuple_.find(tuple_hash, [&](uint32_t h) { return open_slot(h).tuple == tuple; });
   return i == HandleIndex::kNone ? nullptr : &open_slot(i);
 }
 
@@ -456,8 +460,7 @@ void TimeWaitAnalyzer::set_fate(const TupleKey& tuple, Fate fate, uint64_t ts, u
 }
 
 void TimeWaitAnalyzer::not_entered(const Connection* c, const TupleKey& tuple, uint64_t conn,
-                                   uint64_t ts, bool fin_received, bool rst_sent,
-                                   NoticeOut& out) {
+                                   uint64_t ts, bool fin_received, bool rst_sent, NoticeOut& out) {
   if (!fin_received && rst_sent) {
     set_fate(tuple, Fate::FinWait2Timeout, ts, conn);
     ++fin_wait2_timeouts_;  // tcp_keepalive_timer: RST, then done
@@ -491,8 +494,7 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
   const Connection& c = *t.conn;
   // A RST received in FIN_WAIT2/CLOSING ends the socket without TIME_WAIT.
   if (c.resets_received > 0 && c.last_reset_received_ns + 1'000'000 >= e.ts_ns) return;
-  const bool fin_received =
-      (e.sk_flags & TCPSCOPE_SK_RCV_SHUTDOWN) || e.old_state == kTcpClosing;
+  const bool fin_received = (e.sk_flags & TCPSCOPE_SK_RCV_SHUTDOWN) || e.old_state == kTcpClosing;
   const bool rst_sent = c.resets_sent > 0 && c.last_reset_sent_ns + 1'000'000 >= e.ts_ns;
   Tw tw = tw_of(c, e.ts_ns);
   tw.substate = fin_received ? kTcpTimeWait : kTcpFinWait2;
@@ -527,8 +529,7 @@ void TimeWaitAnalyzer::enter(const Tracked& t, NoticeOut& out) {
   add_tw(tw, &c, out, false);  // nothing can tell: assume the usual case
 }
 
-void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out,
-                              bool preexisting) {
+void TimeWaitAnalyzer::add_tw(const Tw& tw, const Connection* c, NoticeOut& out, bool preexisting) {
   EndpointStats* ep = nullptr;
   uint8_t substate = tw.substate;
   Tw* existing = open_find(tw.conn);
@@ -670,7 +671,7 @@ void TimeWaitAnalyzer::on_tw_gone(const Event& e, NoticeOut& out) {
     if (cause == EndCause::Expired && expires > lo && expires < gone) lo = expires;
   } else {
     cause = tw->entered_ns && gone >= tw->entered_ns + kTimeWaitLenNs ? EndCause::Expired
-                                                                     : EndCause::Reset;
+                                                                      : EndCause::Reset;
   }
   end(tw->conn, lo + (gone - lo) / 2, cause, "sweep", out);
 }
@@ -692,8 +693,8 @@ void TimeWaitAnalyzer::on_new_connection(const Tracked& t, NoticeOut& out) {
   }
 }
 
-void TimeWaitAnalyzer::end(uint64_t conn, uint64_t end_ns, EndCause cause,
-                           std::string_view method, NoticeOut& out) {
+void TimeWaitAnalyzer::end(uint64_t conn, uint64_t end_ns, EndCause cause, std::string_view method,
+                           NoticeOut& out) {
   if (Tw* tw = open_find(conn)) end(*tw, end_ns, cause, method, out);
 }
 
@@ -714,10 +715,11 @@ void TimeWaitAnalyzer::end(Tw& open, uint64_t end_ns, EndCause cause, std::strin
   }
 
   ++ended_[static_cast<int>(cause)];
-  set_fate(tw.tuple, cause == EndCause::Expired ? Fate::Expired : Fate::Killed, end_ns, conn,
-           &tw);
-  if (method == "sweep") ++sweep_ends_;
-  else ++exact_ends_;
+  set_fate(tw.tuple, cause == EndCause::Expired ? Fate::Expired : Fate::Killed, end_ns, conn, &tw);
+  if (method == "sweep")
+    ++sweep_ends_;
+  else
+    ++exact_ends_;
   auto* ep = capped(endpoints_, endpoint_key(tw.tuple, tw.client), kMaxKeys, other_endpoints_);
   if (ep && ep->open) --ep->open;
   if (tw.client) {
@@ -761,17 +763,20 @@ void TimeWaitAnalyzer::on_end(const Connection& c, NoticeOut&) {
   if (!s) return;
   s->server = server;
   ++s->connections;
-  if (c.close_kind == CloseKind::ActiveClose) ++s->local_first;
-  else if (c.close_kind == CloseKind::PassiveClose) ++s->peer_first;
-  else ++s->simultaneous;
+  if (c.close_kind == CloseKind::ActiveClose)
+    ++s->local_first;
+  else if (c.close_kind == CloseKind::PassiveClose)
+    ++s->peer_first;
+  else
+    ++s->simultaneous;
 }
 
 void TimeWaitAnalyzer::settle_unarmed(uint64_t now_ns, NoticeOut& out) {
   while (!unarmed_.empty() && unarmed_.front().close_ns + kUnarmedWaitNs < now_ns) {
     const Unarmed u = unarmed_.front();
     unarmed_.pop_front();
-    not_entered(&u.conn, TupleKey::of(u.conn), u.conn.id, u.close_ns, u.fin_received,
-                u.rst_sent, out);
+    not_entered(&u.conn, TupleKey::of(u.conn), u.conn.id, u.close_ns, u.fin_received, u.rst_sent,
+                out);
   }
 }
 
@@ -940,7 +945,8 @@ void TimeWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
     w.member("rport", static_cast<unsigned>(k.rport));
     w.member("peak", it->second.peak);
     w.member("open", it->second.open);
-    w.member("peak_ratio", range ? static_cast<double>(it->second.peak) / static_cast<double>(range) : 0.0);
+    w.member("peak_ratio",
+             range ? static_cast<double>(it->second.peak) / static_cast<double>(range) : 0.0);
     w.end_object();
   }
   w.end_array();
@@ -952,7 +958,8 @@ void TimeWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
 void TimeWaitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
                                   const TextStyle& style) const {
   auto o = std::back_inserter(out);
-  fmt::format_to(o, "\nTIME_WAIT: {} entered, {} still open, peak {}, {} skipped (tw buckets "
+  fmt::format_to(o,
+                 "\nTIME_WAIT: {} entered, {} still open, peak {}, {} skipped (tw buckets "
                  "full), {} FIN_WAIT2 timeouts\n",
                  entered_, open_at_end_, peak_, skipped_, fin_wait2_timeouts_);
   if (timer_starts_lost_)
@@ -989,7 +996,8 @@ void TimeWaitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
        })) {
     const CloserStats& s = it->second;
     const TupleKey& k = it->first;
-    fmt::format_to(o, "  {} {}:{}  {} connections: closed first by us {}, by peer {}, "
+    fmt::format_to(o,
+                   "  {} {}:{}  {} connections: closed first by us {}, by peer {}, "
                    "simultaneous {}\n",
                    s.server ? "server" : "client of",
                    format_addr(k.family, s.server ? k.laddr.data() : k.raddr.data()).view(),

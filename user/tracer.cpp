@@ -2,10 +2,10 @@
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
-#include <sys/stat.h>
-#include <sys/statfs.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -47,8 +47,7 @@ std::string errno_text(int err) { return std::strerror(err < 0 ? -err : err); }
 Result<uint32_t> resolve_netns(const std::string& spec) {
   if (all_digits(spec)) {
     const unsigned long v = std::stoul(spec);
-    if (v == 0 || v > UINT32_MAX)
-      return Error{"--netns " + spec + ": not a namespace inode", 2};
+    if (v == 0 || v > UINT32_MAX) return Error{"--netns " + spec + ": not a namespace inode", 2};
     return static_cast<uint32_t>(v);
   }
   struct stat st {};
@@ -61,12 +60,12 @@ Result<uint32_t> resolve_netns(const std::string& spec) {
 
 Result<std::pair<uint64_t, int32_t>> resolve_cgroup(const std::string& path) {
   char real[PATH_MAX];
-  if (!realpath(path.c_str(), real))
-    return Error{"--cgroup " + path + ": " + errno_text(errno), 2};
+  if (!realpath(path.c_str(), real)) return Error{"--cgroup " + path + ": " + errno_text(errno), 2};
   struct statfs fs {};
   constexpr long kCgroup2Magic = 0x63677270;
   if (statfs(real, &fs) != 0 || fs.f_type != kCgroup2Magic)
-    return Error{"--cgroup " + path + ": not a cgroup v2 directory (e.g. /sys/fs/cgroup/system.slice)", 2};
+    return Error{
+        "--cgroup " + path + ": not a cgroup v2 directory (e.g. /sys/fs/cgroup/system.slice)", 2};
   struct stat st {};
   if (stat(real, &st) != 0 || !S_ISDIR(st.st_mode))
     return Error{"--cgroup " + path + ": not a directory", 2};
@@ -93,8 +92,10 @@ int run_in_netns(const std::string& netns_path, const std::function<void()>& fn)
   int err = 0;
   std::thread([&] {
     const int ns = open(netns_path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (ns < 0 || setns(ns, CLONE_NEWNET) != 0) err = errno;
-    else fn();
+    if (ns < 0 || setns(ns, CLONE_NEWNET) != 0)
+      err = errno;
+    else
+      fn();
     if (ns >= 0) close(ns);
   }).join();
   return err;
@@ -114,9 +115,10 @@ std::optional<Error> check_privileges() {
   const bool admin = eff & (1ull << kCapSysAdmin);
   const bool bpf_perfmon = (eff & (1ull << kCapBpf)) && (eff & (1ull << kCapPerfmon));
   if (admin || bpf_perfmon) return std::nullopt;
-  return Error{"permission denied: tracing needs root or CAP_BPF and CAP_PERFMON "
-               "(run with sudo, or setcap cap_bpf,cap_perfmon+ep build/tcpscope)",
-               1};
+  return Error{
+      "permission denied: tracing needs root or CAP_BPF and CAP_PERFMON "
+      "(run with sudo, or setcap cap_bpf,cap_perfmon+ep build/tcpscope)",
+      1};
 }
 
 namespace {
@@ -127,9 +129,9 @@ struct ProgSet {
   bpf_program* send_reset;
   bpf_program* receive_reset;
   bpf_program* destroy;
-  bpf_program* recv;  // optional
-  bpf_program* send;  // optional
-  bpf_program* tw_start;   // optional, with tw_cancel and tw_expire
+  bpf_program* recv;      // optional
+  bpf_program* send;      // optional
+  bpf_program* tw_start;  // optional, with tw_cancel and tw_expire
   bpf_program* tw_cancel;
   bpf_program* tw_expire;
   // Twins doing the runs the kernel skips of set_state and destroy (see
@@ -143,17 +145,19 @@ ProgSet progs_for(tcpscope_bpf* s, AttachMode mode) {
   auto& p = s->progs;
   switch (mode) {
     case AttachMode::TpBtf:
-      return {p.set_state_btf, p.retransmit_btf, p.send_reset_btf, p.receive_reset_btf,
-              p.destroy_btf,   p.recv_btf,       p.send_btf,       p.tw_start_btf,
-              p.tw_cancel_btf, p.tw_expire_btf, p.set_state_nested_btf, p.destroy_nested_btf};
+      return {p.set_state_btf,     p.retransmit_btf,       p.send_reset_btf,
+              p.receive_reset_btf, p.destroy_btf,          p.recv_btf,
+              p.send_btf,          p.tw_start_btf,         p.tw_cancel_btf,
+              p.tw_expire_btf,     p.set_state_nested_btf, p.destroy_nested_btf};
     case AttachMode::RawTp:
-      return {p.set_state_raw, p.retransmit_raw, p.send_reset_raw, p.receive_reset_raw,
-              p.destroy_raw,   p.recv_raw,       p.send_raw,       p.tw_start_raw,
-              p.tw_cancel_raw, p.tw_expire_raw, p.set_state_nested_raw, p.destroy_nested_raw};
+      return {p.set_state_raw,     p.retransmit_raw,       p.send_reset_raw,
+              p.receive_reset_raw, p.destroy_raw,          p.recv_raw,
+              p.send_raw,          p.tw_start_raw,         p.tw_cancel_raw,
+              p.tw_expire_raw,     p.set_state_nested_raw, p.destroy_nested_raw};
     case AttachMode::Tracepoint:
       return {p.set_state_tp, p.retransmit_tp, p.send_reset_tp, p.receive_reset_tp,
-              p.destroy_tp,   nullptr,          nullptr,          p.tw_start_tp,
-              p.tw_cancel_tp, p.tw_expire_tp, nullptr,        nullptr};
+              p.destroy_tp,   nullptr,         nullptr,         p.tw_start_tp,
+              p.tw_cancel_tp, p.tw_expire_tp,  nullptr,         nullptr};
   }
   return {};
 }
@@ -188,8 +192,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   const bool sock_table = mode != AttachMode::TpBtf || f.pid != 0;
   s->rodata->cfg_sock_table = sock_table;
   // (Classic tracepoints have no send/recv programs.)
-  const bool io_owner =
-      cfg.io_owner && features.io_tracepoints() && mode != AttachMode::Tracepoint;
+  const bool io_owner = cfg.io_owner && features.io_tracepoints() && mode != AttachMode::Tracepoint;
   s->rodata->cfg_io_owner = io_owner;
   // tw_ids serves private ids only: otherwise no room is set aside for it.
   if (mode == AttachMode::TpBtf) {
@@ -247,10 +250,10 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   // 3. load
   if (int err = tcpscope_bpf__load(s)) {
     if (err == -EPERM || err == -EACCES)
-      return Error{std::string("permission denied loading BPF programs (") + attach_mode_name(mode) +
-                   "): run as root or with CAP_BPF and CAP_PERFMON"};
-    return Error{std::string("loading ") + attach_mode_name(mode) + " programs failed: " +
-                 errno_text(err) + " (--verbose shows the verifier log)"};
+      return Error{std::string("permission denied loading BPF programs (") +
+                   attach_mode_name(mode) + "): run as root or with CAP_BPF and CAP_PERFMON"};
+    return Error{std::string("loading ") + attach_mode_name(mode) +
+                 " programs failed: " + errno_text(err) + " (--verbose shows the verifier log)"};
   }
 
   // 4. attach, each checked
@@ -258,8 +261,8 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
     bpf_link* link = bpf_program__attach(p);
     if (!link) {
       const int err = errno;
-      return Error{std::string("attaching ") + bpf_program__name(p) + " failed: " +
-                   errno_text(err)};
+      return Error{std::string("attaching ") + bpf_program__name(p) +
+                   " failed: " + errno_text(err)};
     }
     t->links_.emplace_back(link);
     t->programs_.push_back(bpf_program__name(p));
@@ -292,14 +295,17 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
 Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
                                                     KernelFeatures& features) {
   if (!features.btf())
-    return Error{"kernel BTF not found (/sys/kernel/btf/vmlinux): tcpscope needs a kernel "
-                 "built with CONFIG_DEBUG_INFO_BTF=y"};
+    return Error{
+        "kernel BTF not found (/sys/kernel/btf/vmlinux): tcpscope needs a kernel "
+        "built with CONFIG_DEBUG_INFO_BTF=y"};
   if (!features.ringbuf())
     return Error{"the kernel has no BPF ring buffer (needs Linux 5.8 or later)"};
 
   std::vector<AttachMode> modes;
-  if (cfg.force_mode) modes = {*cfg.force_mode};
-  else modes = {AttachMode::TpBtf, AttachMode::RawTp, AttachMode::Tracepoint};
+  if (cfg.force_mode)
+    modes = {*cfg.force_mode};
+  else
+    modes = {AttachMode::TpBtf, AttachMode::RawTp, AttachMode::Tracepoint};
 
   std::vector<std::string> fallbacks;
   Error last{"no attach method available"};
@@ -317,8 +323,8 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
     auto r = try_mode(mode, cfg, features, with_iter);
     if (!r.ok() && with_iter) {
       // The iterator is an extra: keep tracing without it.
-      fallbacks.push_back(std::string(attach_mode_name(mode)) + " with iter/tcp: " +
-                          r.error().message);
+      fallbacks.push_back(std::string(attach_mode_name(mode)) +
+                          " with iter/tcp: " + r.error().message);
       r = try_mode(mode, cfg, features, false);
     }
     if (r.ok()) {
@@ -350,7 +356,8 @@ void BpfTracer::handle(void* ctx, const void* data, size_t size) {
 Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass, std::vector<SockRecord>& out,
                                        const std::function<void()>& between_reads) {
   out.clear();
-  return read_sockets(pass, [&out](const SockRecord& r) { out.push_back(r); }, between_reads);
+  return read_sockets(
+      pass, [&out](const SockRecord& r) { out.push_back(r); }, between_reads);
 }
 
 Result<size_t> BpfTracer::read_sockets(tcpscope_iter_pass pass,
@@ -504,8 +511,7 @@ std::string BpfTracer::skipped_runs_by_program() const {
     out += fmt::format("{}{} {}", out.empty() ? "" : ", ", lossy_prog_names_[i],
                        static_cast<uint64_t>(info->recursion_misses));
   }
-  if (!out.empty())
-    out += fmt::format(" (the twin did {})", drops(TCPSCOPE_NESTED_STATE));
+  if (!out.empty()) out += fmt::format(" (the twin did {})", drops(TCPSCOPE_NESTED_STATE));
   return out;
 }
 

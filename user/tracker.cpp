@@ -7,24 +7,36 @@ namespace tcpscope {
 
 std::string_view open_kind_name(OpenKind kind) {
   switch (kind) {
-    case OpenKind::Unknown: return "unknown";
-    case OpenKind::Active: return "active";
-    case OpenKind::Passive: return "passive";
-    case OpenKind::Listen: return "listen";
+    case OpenKind::Unknown:
+      return "unknown";
+    case OpenKind::Active:
+      return "active";
+    case OpenKind::Passive:
+      return "passive";
+    case OpenKind::Listen:
+      return "listen";
   }
   return "unknown";
 }
 
 std::string_view close_kind_name(CloseKind kind) {
   switch (kind) {
-    case CloseKind::Open: return "open";
-    case CloseKind::ActiveClose: return "active_close";
-    case CloseKind::PassiveClose: return "passive_close";
-    case CloseKind::Simultaneous: return "simultaneous";
-    case CloseKind::ResetSent: return "reset_sent";
-    case CloseKind::ResetReceived: return "reset_received";
-    case CloseKind::Aborted: return "aborted";
-    case CloseKind::Vanished: return "vanished";
+    case CloseKind::Open:
+      return "open";
+    case CloseKind::ActiveClose:
+      return "active_close";
+    case CloseKind::PassiveClose:
+      return "passive_close";
+    case CloseKind::Simultaneous:
+      return "simultaneous";
+    case CloseKind::ResetSent:
+      return "reset_sent";
+    case CloseKind::ResetReceived:
+      return "reset_received";
+    case CloseKind::Aborted:
+      return "aborted";
+    case CloseKind::Vanished:
+      return "vanished";
   }
   return "open";
 }
@@ -48,11 +60,9 @@ bool is_local_abort_reason(uint32_t reason) {
 OpenKind open_kind_of(const Event& ev) {
   if (ev.type != TCPSCOPE_EV_STATE) return OpenKind::Unknown;
   if (ev.new_state == kTcpListen) return OpenKind::Listen;
-  if (ev.old_state == kTcpClose && ev.new_state == kTcpSynSent)
-    return OpenKind::Active;
+  if (ev.old_state == kTcpClose && ev.new_state == kTcpSynSent) return OpenKind::Active;
   if (ev.new_state == kTcpSynRecv &&
-      (ev.old_state == kTcpClose || ev.old_state == kTcpListen ||
-       ev.old_state == kTcpNewSynRecv))
+      (ev.old_state == kTcpClose || ev.old_state == kTcpListen || ev.old_state == kTcpNewSynRecv))
     return OpenKind::Passive;
   return OpenKind::Unknown;
 }
@@ -67,23 +77,20 @@ CloseKind Tracker::classify_close(const Connection& c) {
   // (TCP_ABORT_ON_DATA). tcp_reset() also fires tcp_receive_reset on
   // ABORT_ON_DATA, so the reason we sent wins over a received RST.
   if (c.resets_sent > 0 && c.last_reset_sent_ns >= c.closed_ns) {
-    if (c.last_reset_reason == 8 /* TCP_ABORT_ON_DATA */)
-      return CloseKind::ResetSent;
+    if (c.last_reset_reason == 8 /* TCP_ABORT_ON_DATA */) return CloseKind::ResetSent;
     if (is_local_abort_reason(c.last_reset_reason)) return CloseKind::Aborted;
   }
   if (c.resets_received > 0 && c.last_reset_received_ns <= c.closed_ns)
     return CloseKind::ResetReceived;
   if (c.resets_sent > 0 && c.last_reset_sent_ns + 1'000'000 >= c.closed_ns &&
-      c.close_from != kTcpFinWait2 && c.close_from != kTcpClosing &&
-      c.close_from != kTcpLastAck)
+      c.close_from != kTcpFinWait2 && c.close_from != kTcpClosing && c.close_from != kTcpLastAck)
     return CloseKind::ResetSent;
   if (c.visited_state(kTcpClosing)) return CloseKind::Simultaneous;
   if (c.visited_state(kTcpFinWait1)) return CloseKind::ActiveClose;
   if (c.visited_state(kTcpCloseWait)) return CloseKind::PassiveClose;
   // First seen late in the close: the state it left tells who closed.
   if (c.close_from == kTcpClosing) return CloseKind::Simultaneous;
-  if (c.close_from == kTcpFinWait1 || c.close_from == kTcpFinWait2 ||
-      c.close_from == kTcpTimeWait)
+  if (c.close_from == kTcpFinWait1 || c.close_from == kTcpFinWait2 || c.close_from == kTcpTimeWait)
     return CloseKind::ActiveClose;
   if (c.close_from == kTcpLastAck) return CloseKind::PassiveClose;
   return CloseKind::Aborted;
@@ -160,10 +167,14 @@ namespace {
 // first I/O refines a listener's (an accepted socket's); nothing is less.
 int owner_rank(uint8_t src) {
   switch (src) {
-    case TCPSCOPE_OWNER_SYSCALL: return 3;
-    case TCPSCOPE_OWNER_IO: return 2;
-    case TCPSCOPE_OWNER_LISTENER: return 1;
-    default: return 0;
+    case TCPSCOPE_OWNER_SYSCALL:
+      return 3;
+    case TCPSCOPE_OWNER_IO:
+      return 2;
+    case TCPSCOPE_OWNER_LISTENER:
+      return 1;
+    default:
+      return 0;
   }
 }
 
@@ -248,21 +259,18 @@ Tracked Tracker::apply(const Event& ev) {
 
   uint32_t slot_index = slot_of(ev.conn);
   Connection* c = slot_index == kNoSlot ? nullptr : &slot(slot_index);
-  const bool reopens = c && c->is_closed() && ev.type == TCPSCOPE_EV_STATE &&
-                       ev.old_state == kTcpClose;
+  const bool reopens =
+      c && c->is_closed() && ev.type == TCPSCOPE_EV_STATE && ev.old_state == kTcpClose;
   const bool fresh = !c || reopens;
   if (fresh) {
     // A reset for a connection that has ended and been forgotten, on a
     // timewait or request sock: nothing to attach it to.
-    if (ev.type == TCPSCOPE_EV_RESET_SENT &&
-        (ev.sk_flags & TCPSCOPE_SK_TIMEWAIT))
-      return out;
+    if (ev.type == TCPSCOPE_EV_RESET_SENT && (ev.sk_flags & TCPSCOPE_SK_TIMEWAIT)) return out;
     slot_index = start(ev, slot_index);
     c = &slot(slot_index);
     if (ev.type == TCPSCOPE_EV_STATE) {
       // The state left is known only for a connection we saw start.
-      if (c->open_kind != OpenKind::Unknown || reopens)
-        record_state(*c, ev.old_state, ev.ts_ns);
+      if (c->open_kind != OpenKind::Unknown || reopens) record_state(*c, ev.old_state, ev.ts_ns);
       out.gap = lost_opening(ev);
     } else {
       // Its state is known, not when it was entered: no history entry.
@@ -364,8 +372,7 @@ bool Tracker::lost_opening(const Event& ev) const {
   if (!snapshot_end_ns_ || ev.ts_ns <= snapshot_end_ns_ || evicted_) return false;
   // A socket starts in CLOSE; an accepted child is cloned from its listener
   // (LISTEN -> SYN_RECV, or from the request sock).
-  return ev.old_state != kTcpClose && ev.old_state != kTcpListen &&
-         ev.old_state != kTcpNewSynRecv;
+  return ev.old_state != kTcpClose && ev.old_state != kTcpListen && ev.old_state != kTcpNewSynRecv;
 }
 
 void Tracker::finalize(Connection& c) {
@@ -381,8 +388,7 @@ void Tracker::expire(uint64_t now_ns) {
     // (A stale entry's slot may lie in a chunk given back.)
     if (closing_.size() > kAhead && !stale(closing_[kAhead])) {
       const auto* ahead = reinterpret_cast<const char*>(&slot(closing_[kAhead].slot));
-      for (size_t line = 0; line < sizeof(Connection); line += 64)
-        __builtin_prefetch(ahead + line);
+      for (size_t line = 0; line < sizeof(Connection); line += 64) __builtin_prefetch(ahead + line);
     }
     const LifecycleRef closed = closing_.front();
     closing_.pop_front();

@@ -73,7 +73,7 @@ class RetransmitAnalyzer final : public Analyzer {
   int top_n_;
   uint64_t total_ = 0;
   uint64_t connections_ = 0;
-  std::vector<Row> rows_;  // at most top_n_, a min-heap on count
+  std::vector<Row> rows_;                  // at most top_n_, a min-heap on count
   FlatHashMap<uint64_t, Detail> details_;  // by connection id, while it lasts
 };
 

@@ -80,7 +80,7 @@ std::string part_path(const std::string& base, uint32_t part);
 
 struct WriterOptions {
   Codec codec = Codec::Zstd;
-  int zstd_level = 1;  // the cheapest: compression is most of a recording's CPU
+  int zstd_level = 1;      // the cheapest: compression is most of a recording's CPU
   uint64_t max_size = 0;   // bytes per file before rotating; 0 = never
   uint32_t max_files = 0;  // parts kept on disk; 0 = all
   uint64_t flush_interval_ns = 500'000'000;

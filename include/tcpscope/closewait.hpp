@@ -134,7 +134,7 @@ class CloseWaitAnalyzer final : public Analyzer {
   };
   struct Holder {
     uint32_t pid = 0;
-    std::vector<int32_t> fds;  // ascending
+    std::vector<int32_t> fds;          // ascending
     std::shared_ptr<const Proc> proc;  // null if no PROC record came
     std::array<char, 16> comm{};
   };
@@ -150,7 +150,7 @@ class CloseWaitAnalyzer final : public Analyzer {
                               // socket an upper bound of it
     bool preexisting = false;
     uint64_t crossed_ns = 0;  // entered + threshold
-    uint32_t recv_q = 0;  // raw rx_queue: counts the FIN until EOF is read
+    uint32_t recv_q = 0;      // raw rx_queue: counts the FIN until EOF is read
     bool noticed = false;
     bool resolved = false;  // a HOLDER batch came
     uint64_t closed_ns = 0;
@@ -190,8 +190,8 @@ class CloseWaitAnalyzer final : public Analyzer {
   std::unordered_map<uint64_t, uint32_t> early_recv_q_;
   // Every socket that crossed the threshold, in crossing order.
   std::vector<std::unique_ptr<Socket>> stuck_list_;
-  std::unordered_map<uint64_t, Socket*> stuck_open_;  // still in CLOSE_WAIT
-  std::vector<Socket*> awaiting_holders_;             // crossed, not noticed
+  std::unordered_map<uint64_t, Socket*> stuck_open_;           // still in CLOSE_WAIT
+  std::vector<Socket*> awaiting_holders_;                      // crossed, not noticed
   std::unordered_map<uint32_t, std::shared_ptr<Proc>> procs_;  // last PROC per pid
   // Holder batch being received (HOLDER records of one socket).
   uint64_t batch_conn_ = 0;
@@ -200,8 +200,8 @@ class CloseWaitAnalyzer final : public Analyzer {
   uint64_t entered_ = 0, preexisting_ = 0, closed_in_time_ = 0, closed_stuck_ = 0;
   uint64_t end_ns_ = 0;
   // Holder scan cost (HOLDER_SCAN records).
-  uint64_t rounds_ = 0, steps_ = 0, scan_procs_ = 0, scan_fds_ = 0, searched_ = 0,
-           found_ = 0, scan_ns_ = 0, scan_max_ns_ = 0, step_max_ns_ = 0, iter_ns_ = 0;
+  uint64_t rounds_ = 0, steps_ = 0, scan_procs_ = 0, scan_fds_ = 0, searched_ = 0, found_ = 0,
+           scan_ns_ = 0, scan_max_ns_ = 0, step_max_ns_ = 0, iter_ns_ = 0;
 };
 
 }  // namespace tcpscope

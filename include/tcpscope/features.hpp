@@ -22,16 +22,16 @@ class KernelFeatures {
   void disable(const std::string& name) { disabled_.insert(name); }
   static bool is_known(const std::string& name);
 
-  bool btf();            // /sys/kernel/btf/vmlinux parses
-  bool ringbuf();        // BPF_MAP_TYPE_RINGBUF (5.8)
-  bool tp_btf();         // BPF_PROG_TYPE_TRACING + btf_trace_* types
-  bool raw_tp();         // BPF_PROG_TYPE_RAW_TRACEPOINT
-  bool tracepoint();     // classic tracepoints (tracefs, mounted if needed)
-  bool io_tracepoints(); // sock_send_length/sock_recv_length (6.3)
-  bool reset_reason();   // enum sk_rst_reason in tcp_send_reset (6.10)
-  bool bpf_stats();      // kernel.bpf_stats_enabled sysctl exists
-  bool iter_tcp();       // iter/tcp BPF iterator (5.9): tw sweep, snapshot, audit
-  bool tw_timers();      // timer tracepoints + tw_timer_handler in kallsyms
+  bool btf();             // /sys/kernel/btf/vmlinux parses
+  bool ringbuf();         // BPF_MAP_TYPE_RINGBUF (5.8)
+  bool tp_btf();          // BPF_PROG_TYPE_TRACING + btf_trace_* types
+  bool raw_tp();          // BPF_PROG_TYPE_RAW_TRACEPOINT
+  bool tracepoint();      // classic tracepoints (tracefs, mounted if needed)
+  bool io_tracepoints();  // sock_send_length/sock_recv_length (6.3)
+  bool reset_reason();    // enum sk_rst_reason in tcp_send_reset (6.10)
+  bool bpf_stats();       // kernel.bpf_stats_enabled sysctl exists
+  bool iter_tcp();        // iter/tcp BPF iterator (5.9): tw sweep, snapshot, audit
+  bool tw_timers();       // timer tracepoints + tw_timer_handler in kallsyms
 
   // True if the kernel has tracepoint NAME (BTF typedef btf_trace_NAME).
   bool has_btf_tracepoint(const std::string& name);

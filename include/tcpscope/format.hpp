@@ -26,8 +26,7 @@ size_t format_addr_to(char* dst, uint8_t family, const uint8_t* addr);
 // captures so that a replay prints the same times.
 class TimeFormatter {
  public:
-  explicit TimeFormatter(int64_t boot_to_realtime_ns = 0)
-      : offset_ns_(boot_to_realtime_ns) {}
+  explicit TimeFormatter(int64_t boot_to_realtime_ns = 0) : offset_ns_(boot_to_realtime_ns) {}
   void set_offset(int64_t boot_to_realtime_ns) {
     offset_ns_ = boot_to_realtime_ns;
     cached_sec_ = kNoSec;

@@ -4,8 +4,8 @@
 
 #include <concepts>
 #include <cstdint>
-#include <type_traits>
 #include <string_view>
+#include <type_traits>
 
 #include <fmt/format.h>
 
@@ -26,10 +26,11 @@ class JsonWriter {
   void value(const char* s) { value(std::string_view(s)); }
   void value(bool b);
   template <std::integral T>
-    requires(!std::same_as<T, bool>)
-  void value(T v) {
-    if constexpr (std::is_signed_v<T>) value_signed(static_cast<int64_t>(v));
-    else value_unsigned(static_cast<uint64_t>(v));
+  requires(!std::same_as<T, bool>) void value(T v) {
+    if constexpr (std::is_signed_v<T>)
+      value_signed(static_cast<int64_t>(v));
+    else
+      value_unsigned(static_cast<uint64_t>(v));
   }
   void value(double v);  // fixed, 3 decimals
   void null();

@@ -85,8 +85,8 @@ class ChunkedSlab {
   };
   using Chunk = std::unique_ptr<T, Unmap>;
   static Chunk map_chunk() {
-    void* p = mmap(nullptr, kChunk * sizeof(T), PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* p = mmap(nullptr, kChunk * sizeof(T), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
     if (p == MAP_FAILED) throw std::bad_alloc();
     return Chunk(static_cast<T*>(p));
   }

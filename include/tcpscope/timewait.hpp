@@ -8,8 +8,8 @@
 #pragma once
 
 #include <array>
-#include <deque>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -20,9 +20,9 @@
 
 #include "tcpscope/fifo.hpp"
 #include "tcpscope/flat_hash_map.hpp"
-#include "tcpscope/slab.hpp"
 #include "tcpscope/histogram.hpp"
 #include "tcpscope/pipeline.hpp"
+#include "tcpscope/slab.hpp"
 
 namespace tcpscope {
 
@@ -155,7 +155,7 @@ class TimeWaitAnalyzer final : public Analyzer {
     bool client = false;  // we opened it: the local port is ephemeral
     uint32_t pid = 0;     // owner of the connection
     std::array<char, 16> comm{};
-    uint32_t slot = 0;  // its index in the slab (open_add sets it); fills padding
+    uint32_t slot = 0;            // its index in the slab (open_add sets it); fills padding
     uint64_t local_close_ns = 0;  // FIN_WAIT1 entry, else entered_ns
   };
   // A tw timer armed for a tuple whose CLOSE event is next.
@@ -199,24 +199,19 @@ class TimeWaitAnalyzer final : public Analyzer {
   void expire_pending(uint64_t now_ns, NoticeOut& out);
   void on_timer(const Event& e, NoticeOut& out);
   Tw* find(const Event& e);
-  void end(uint64_t conn, uint64_t end_ns, EndCause cause, std::string_view method,
-           NoticeOut& out);
+  void end(uint64_t conn, uint64_t end_ns, EndCause cause, std::string_view method, NoticeOut& out);
   void end(Tw& tw, uint64_t end_ns, EndCause cause, std::string_view method, NoticeOut& out);
 
   // The open tw socks, by cookie and by tuple (the latest one added).
   const Tw* open_find(uint64_t conn) const;
-  Tw* open_find(uint64_t conn) {
-    return const_cast<Tw*>(std::as_const(*this).open_find(conn));
-  }
+  Tw* open_find(uint64_t conn) { return const_cast<Tw*>(std::as_const(*this).open_find(conn)); }
   const Tw* open_find_tuple(const TupleKey& tuple, uint64_t tuple_hash) const;
   Tw* open_find_tuple(const TupleKey& tuple, uint64_t tuple_hash) {
     return const_cast<Tw*>(std::as_const(*this).open_find_tuple(tuple, tuple_hash));
   }
   Tw& open_add(const Tw& tw);
   Tw& open_slot(uint32_t i) { return open_[i]; }
-  const Tw& open_slot(uint32_t i) const {
-    return open_[i];
-  }
+  const Tw& open_slot(uint32_t i) const { return open_[i]; }
   void open_erase(const Tw& tw);
   void on_tw_seen(const Event& e, NoticeOut& out);
   // A sweep saw the tw sock of a connection whose CLOSE found no tw timer
@@ -268,7 +263,7 @@ class TimeWaitAnalyzer final : public Analyzer {
   HandleIndex open_by_tuple_;
   FlatHashMap<TupleKey, Armed, TupleKeyHash> armed_;
   Fifo<TupleAt> armed_order_;
-  Fifo<std::pair<uint64_t, uint64_t>> cancels_;  // (cancel_ns, conn)
+  Fifo<std::pair<uint64_t, uint64_t>> cancels_;         // (cancel_ns, conn)
   std::unordered_map<uint64_t, PendingEntry> pending_;  // by conn
   std::deque<uint64_t> pending_order_;
   // Fates are written for every tw sock that ends but read only to explain
@@ -277,9 +272,9 @@ class TimeWaitAnalyzer final : public Analyzer {
     TupleKey tuple;
     FateInfo info;
   };
-  Fifo<FateRecord> fate_log_;  // oldest first
-  uint64_t fate_log_first_ = 0;      // sequence number of fate_log_.front()
-  mutable TupleIndex fate_index_;    // tuple -> sequence number of its latest
+  Fifo<FateRecord> fate_log_;          // oldest first
+  uint64_t fate_log_first_ = 0;        // sequence number of fate_log_.front()
+  mutable TupleIndex fate_index_;      // tuple -> sequence number of its latest
   mutable uint64_t fate_indexed_ = 0;  // records before this one are indexed
   // Per local endpoint (client sockets: local port 0 = "ephemeral").
   std::unordered_map<TupleKey, EndpointStats, TupleKeyHash> endpoints_;

@@ -22,12 +22,12 @@ struct bpf_link;
 namespace tcpscope {
 
 struct Filters {
-  uint32_t netns = 0;         // inode
+  uint32_t netns = 0;  // inode
   uint64_t cgroup_id = 0;
   int32_t cgroup_level = 0;
   uint32_t pid = 0;
   uint16_t port = 0, lport = 0, rport = 0;
-  uint8_t family = 0;         // 0, 4, 6
+  uint8_t family = 0;  // 0, 4, 6
 };
 
 struct TraceConfig {
@@ -38,15 +38,15 @@ struct TraceConfig {
   // ms the consumer usually goes unread there.
   uint32_t ring_bytes = 4u << 20;
   uint32_t max_sockets = 262144;
-  uint64_t wakeup_bytes = 256 * 1024;    // batch consumer wake-ups
-  bool io_owner = true;                  // attach sock_{send,recv}_length
-  bool sock_iter = true;                 // load iter/tcp (tw sweep, snapshot)
-  bool tw_timers = true;                 // trace tw socks by their timer
-  uint32_t tw_sweep_ms = 1000;           // TIME_WAIT sweep period, 0 = off
-  uint32_t audit_ms = 5000;              // open-connection audit period, 0 = off
-  std::string netns_path;                // --netns as a path, if given
-  bool bpf_stats = true;                 // measure our BPF run time (BPF_ENABLE_STATS)
-  bool print_stats = false;              // --stats: overhead summary on stderr at exit
+  uint64_t wakeup_bytes = 256 * 1024;  // batch consumer wake-ups
+  bool io_owner = true;                // attach sock_{send,recv}_length
+  bool sock_iter = true;               // load iter/tcp (tw sweep, snapshot)
+  bool tw_timers = true;               // trace tw socks by their timer
+  uint32_t tw_sweep_ms = 1000;         // TIME_WAIT sweep period, 0 = off
+  uint32_t audit_ms = 5000;            // open-connection audit period, 0 = off
+  std::string netns_path;              // --netns as a path, if given
+  bool bpf_stats = true;               // measure our BPF run time (BPF_ENABLE_STATS)
+  bool print_stats = false;            // --stats: overhead summary on stderr at exit
   uint64_t close_wait_threshold_ns = 60'000'000'000ull;  // CLOSE_WAIT is stuck past it
 };
 
@@ -93,16 +93,15 @@ class BpfStatsGuard {
 struct BpfRunStats {
   bool enabled = false;
   uint64_t sampled_events = 0;  // records delivered while counting
-  uint64_t runs = 0;    // program invocations (run_cnt)
-  uint64_t run_ns = 0;  // time spent in them (run_time_ns)
+  uint64_t runs = 0;            // program invocations (run_cnt)
+  uint64_t run_ns = 0;          // time spent in them (run_time_ns)
 };
 
 class BpfTracer {
  public:
   using EventFn = std::function<void(const Event&)>;
 
-  static Result<std::unique_ptr<BpfTracer>> start(const TraceConfig& cfg,
-                                                  KernelFeatures& features);
+  static Result<std::unique_ptr<BpfTracer>> start(const TraceConfig& cfg, KernelFeatures& features);
 
   AttachMode mode() const { return mode_; }
   const std::vector<std::string>& programs() const { return programs_; }
@@ -195,14 +194,14 @@ class BpfTracer {
   uint64_t wakeup_batch_bytes_ = 0;  // 0: the kernel wakes per record
   uint64_t wait_pending_ = 0, late_wakeups_ = 0;
   uint64_t events_ = 0;
-  std::vector<int> prog_fds_;  // attached programs (owned by skel_)
-  std::vector<int> lossy_prog_fds_;  // those whose skipped runs lose events
+  std::vector<int> prog_fds_;                  // attached programs (owned by skel_)
+  std::vector<int> lossy_prog_fds_;            // those whose skipped runs lose events
   std::vector<std::string> lossy_prog_names_;  // and their names
   int send_reset_fd_ = -1;
   std::unique_ptr<BpfStatsGuard> stats_;
-  bool stats_wanted_ = false;     // --no-bpf-stats not given
-  bool stats_sampled_ = false;    // they were on at some point
-  uint64_t sampled_events_ = 0;   // records delivered while they were on
+  bool stats_wanted_ = false;    // --no-bpf-stats not given
+  bool stats_sampled_ = false;   // they were on at some point
+  uint64_t sampled_events_ = 0;  // records delivered while they were on
   bool tw_timers_on_ = false;
   int ncpus_ = 1;
 };

@@ -48,16 +48,16 @@ struct Connection {
   // Laid out by use: the first cache line holds all that every event and
   // classify_close() read; the history and the retransmit figures, written
   // once per state or retransmit, come last.
-  uint64_t id = 0;  // socket cookie
-  uint64_t first_ns = 0;      // first event seen
+  uint64_t id = 0;        // socket cookie
+  uint64_t first_ns = 0;  // first event seen
   uint64_t state_since_ns = 0;
-  uint64_t closed_ns = 0;     // transition to CLOSE, 0 while open
+  uint64_t closed_ns = 0;  // transition to CLOSE, 0 while open
   uint64_t last_reset_sent_ns = 0, last_reset_received_ns = 0;
-  uint32_t visited = 0;       // bit (1 << state) for every state entered
+  uint32_t visited = 0;                           // bit (1 << state) for every state entered
   uint16_t resets_sent = 0, resets_received = 0;  // saturating
   uint32_t retrans_total = 0;  // the kernel's total_retrans at the last retransmit
-  uint8_t state = 0;          // current kernel state (0 = not known yet)
-  uint8_t close_from = 0;     // state left for CLOSE
+  uint8_t state = 0;           // current kernel state (0 = not known yet)
+  uint8_t close_from = 0;      // state left for CLOSE
   OpenKind open_kind = OpenKind::Unknown;
   CloseKind close_kind = CloseKind::Open;
 
@@ -68,11 +68,11 @@ struct Connection {
   uint16_t lport = 0, rport = 0;
   uint8_t family = 0;
   uint8_t owner_src = TCPSCOPE_OWNER_NONE;
-  uint8_t close_sk_flags = 0; // tcpscope_sk_flags at the CLOSE transition
-  bool vanished = false;      // an audit found it gone (TCPSCOPE_EV_VANISHED)
-  bool snapshot = false;      // found by the start-up snapshot (SNAPSHOT
-                              // record): it predates the trace
-  uint8_t last_reset_flags = 0;    // flags of the segment that drew it
+  uint8_t close_sk_flags = 0;    // tcpscope_sk_flags at the CLOSE transition
+  bool vanished = false;         // an audit found it gone (TCPSCOPE_EV_VANISHED)
+  bool snapshot = false;         // found by the start-up snapshot (SNAPSHOT
+                                 // record): it predates the trace
+  uint8_t last_reset_flags = 0;  // flags of the segment that drew it
   uint8_t history_len = 0;
   uint16_t history_dropped = 0;
   std::array<char, 16> comm{};
@@ -100,10 +100,10 @@ struct Tracked {
                                      // reset for a socket never seen)
   int64_t prev_state_ns = -1;        // time spent in the state just left
                                      // (-1 if its entry was not seen)
-  bool gap = false;  // a transition from a state other than the one last
-                     // seen, or the first one seen of a socket born after
-                     // the start-up snapshot leaves neither CLOSE nor
-                     // LISTEN: those before were lost
+  bool gap = false;                  // a transition from a state other than the one last
+                                     // seen, or the first one seen of a socket born after
+                                     // the start-up snapshot leaves neither CLOSE nor
+                                     // LISTEN: those before were lost
 };
 
 struct TrackerLimits {
@@ -196,10 +196,10 @@ class Tracker {
   // others come and go (a Tracked outlives evictions it causes). Its zero
   // pages are free slots (id 0).
   ChunkedSlab<Connection> slab_;
-  HandleIndex index_;  // cookie -> slot
+  HandleIndex index_;                  // cookie -> slot
   std::vector<uint32_t> generations_;  // per slot: lifecycles begun or ended
-  Fifo<LifecycleRef> closing_;   // by closed_ns
-  Fifo<LifecycleRef> started_;   // by first_ns
+  Fifo<LifecycleRef> closing_;         // by closed_ns
+  Fifo<LifecycleRef> started_;         // by first_ns
   uint64_t evicted_ = 0;
   uint64_t last_ns_ = 0;
   // When the start-up snapshot ended (TCPSCOPE_EV_SNAPSHOT_END), 0 before

@@ -191,7 +191,8 @@ TEST_F(AuditTest, EndsTheRingDroppedAreReportedVanished) {
   EXPECT_FALSE(vanished.empty()) << diag;
   for (uint64_t c : ours)
     EXPECT_NE(closed.contains(c), vanished.contains(c))
-        << "conn " << c << (closed.contains(c) ? " closed and vanished" : " neither closed nor vanished");
+        << "conn " << c
+        << (closed.contains(c) ? " closed and vanished" : " neither closed nor vanished");
   // The listener's line, if it vanished too, is the only other one.
   const uint64_t gone = report.value("lost_vanished", uint64_t{0});
   EXPECT_TRUE(gone == vanished.size() || gone == vanished.size() + 1) << report.dump();
@@ -224,8 +225,8 @@ TEST_F(AuditTest, PassOverManyTimeWaitsReturnsInManyReads) {
         const std::string err = tracer.stderr_text();
         const auto at = err.rfind("connection audit: ");
         return at != std::string::npos &&
-               std::sscanf(err.c_str() + at, "connection audit: %lu sockets in %lu reads",
-                           &sockets, &reads) == 2;
+               std::sscanf(err.c_str() + at, "connection audit: %lu sockets in %lu reads", &sockets,
+                           &reads) == 2;
       },
       10000ms, 50ms))
       << tracer.diagnostics();

@@ -259,15 +259,15 @@ TEST_F(CaptureKernel, FlightRecorderCountTriggers) {
   TempDir dir;
   const std::string file = dir.file("cnt.cap");
   Tracer rec;
-  ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--ring",
-                             "1M", "--trigger-time-wait", "2", "--trigger-close-wait", "1",
+  ASSERT_TRUE(rec.start_raw({"record", "-o", file, "--netns", ns.path(), "--json", "--ring", "1M",
+                             "--trigger-time-wait", "2", "--trigger-close-wait", "1",
                              "--close-wait-threshold", "1", "--trigger-delay", "0",
                              "--trigger-cooldown", "0"}))
       << rec.diagnostics();
   for (int i = 0; i < 3; ++i) make_connection(ns, ConnSpec{});
-  ASSERT_TRUE(wait_until(
-      [&] { return rec.stderr_text().find("(TIME_WAIT count 3 over 2)") != std::string::npos; }))
-      << rec.diagnostics();
+  ASSERT_TRUE(wait_until([&] {
+    return rec.stderr_text().find("(TIME_WAIT count 3 over 2)") != std::string::npos;
+  })) << rec.diagnostics();
   {
     ScopedNetns in(ns);
     Fd l(listen_tcp(AF_INET, "127.0.0.1"));
@@ -279,7 +279,9 @@ TEST_F(CaptureKernel, FlightRecorderCountTriggers) {
     c.reset();  // the server never closes: CLOSE_WAIT
     ASSERT_TRUE(wait_ss_state(ns, sport, cport, "CLOSE-WAIT"));
     ASSERT_TRUE(wait_until(
-        [&] { return rec.stderr_text().find("(1 CLOSE_WAIT stuck over 1 s)") != std::string::npos; },
+        [&] {
+          return rec.stderr_text().find("(1 CLOSE_WAIT stuck over 1 s)") != std::string::npos;
+        },
         10000ms))
         << rec.diagnostics();
   }

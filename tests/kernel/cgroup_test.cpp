@@ -110,8 +110,8 @@ TEST_F(CgroupFilter, OnlySocketsOfTheCgroupAndBelow) {
     EXPECT_EQ(e["rport"], sport) << e.dump();
   }
   EXPECT_EQ(tracer.state_path(conns[0]),
-            (std::vector<std::string>{"CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1",
-                                      "FIN_WAIT2", "CLOSE"}));
+            (std::vector<std::string>{"CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2",
+                                      "CLOSE"}));
   EXPECT_TRUE(tracer.conns_with(out_port).empty());
   struct stat st {};
   ASSERT_EQ(stat(cg.path().c_str(), &st), 0);

@@ -32,8 +32,7 @@ class ChurnTest : public KernelTest {
     args.insert(args.end(), extra.begin(), extra.end());
     ASSERT_TRUE(rec.start_raw(args, 30000ms, false)) << rec.diagnostics();
     ASSERT_TRUE(wait_until(
-        [&] { return rec.stderr_text().find("recording to") != std::string::npos; }, 30000ms,
-        20ms))
+        [&] { return rec.stderr_text().find("recording to") != std::string::npos; }, 30000ms, 20ms))
         << rec.diagnostics();
     struct Joined {  // joined however this scope ends
       std::thread thread;
@@ -42,9 +41,9 @@ class ChurnTest : public KernelTest {
       }
     } beside;
     if (during) beside.thread = std::thread(during);
-    const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", std::to_string(seconds), "--clients",
-                                "4", "--servers", "2"},
-                               60000ms);
+    const auto churn = ns.exec(
+        {TCPSCOPE_CHURN, "--seconds", std::to_string(seconds), "--clients", "4", "--servers", "2"},
+        60000ms);
     if (beside.thread.joinable()) beside.thread.join();  // before the tracer stops
     ASSERT_EQ(churn.status, 0) << churn.err;
     ASSERT_EQ(std::sscanf(churn.out.c_str(), "conns %lu", &conns), 1) << churn.out;
@@ -54,9 +53,9 @@ class ChurnTest : public KernelTest {
         << "the workload itself stalled: " << churn.out << churn.err;
     ASSERT_EQ(rec.stop(), 0) << rec.diagnostics();
     // The report only: every event of the capture is printed before it.
-    const auto rep = run_cmd({"sh", "-c", std::string(tcpscope_binary()) + " report --json " +
-                                              file + " | tail -n 1"},
-                             120000ms);
+    const auto rep = run_cmd(
+        {"sh", "-c", std::string(tcpscope_binary()) + " report --json " + file + " | tail -n 1"},
+        120000ms);
     ASSERT_EQ(rep.status, 0) << rep.err;
     report = json::parse(rep.out);
     ASSERT_EQ(report.value("type", ""), "report") << rep.out.substr(0, 2000);
@@ -137,11 +136,10 @@ TEST_F(ChurnTest, ThousandConnectionsAllTracedNoneLost) {
       ++listeners;
     } else {
       ++other;
-      ADD_FAILURE() << "conn " << c << " has an incomplete lifecycle: "
-                    << ::testing::PrintToString(p);
+      ADD_FAILURE() << "conn " << c
+                    << " has an incomplete lifecycle: " << ::testing::PrintToString(p);
     }
-    if (closed && p.size() >= 3 &&
-        (p[p.size() - 2] == "FIN_WAIT2" || p[p.size() - 2] == "CLOSING"))
+    if (closed && p.size() >= 3 && (p[p.size() - 2] == "FIN_WAIT2" || p[p.size() - 2] == "CLOSING"))
       ++entered_tw;
   }
   EXPECT_EQ(clients, kConnections);
@@ -205,8 +203,7 @@ TEST_F(ChurnTest, FullRateChurnLosesNoTransition) {
   // (a live trace's audit may report it vanished first), or a connection
   // left open if none came before the end; a reset sent, a missing one.
   // About 1 in 50,000 connections.
-  EXPECT_LE(r.at("lost_gaps").get<uint64_t>() + by_close.at("open") + resets_missing,
-            conns / 10000)
+  EXPECT_LE(r.at("lost_gaps").get<uint64_t>() + by_close.at("open") + resets_missing, conns / 10000)
       << r.dump();
 }
 
@@ -264,8 +261,8 @@ TEST_F(ChurnTest, RingFullLossesAreExplained) {
   const uint64_t lost = ring_full_losses(r);
   ASSERT_GT(lost, 0u) << r.dump();
   const std::string log = rec.stderr_text();
-  const std::string line = std::to_string(lost) + " records lost with the ring buffer full: it " +
-                           "was found up to ";
+  const std::string line =
+      std::to_string(lost) + " records lost with the ring buffer full: it " + "was found up to ";
   const size_t at = log.find(line);
   ASSERT_NE(at, std::string::npos) << log;
   const std::string rest = log.substr(at + line.size(), log.find('\n', at) - at - line.size());
@@ -295,8 +292,7 @@ TEST_F(ChurnTest, LateWakeupsAreCounted) {
     }
   };
   // A ring big enough that nothing is lost meanwhile.
-  ASSERT_NO_FATAL_FAILURE(
-      record_churn({"--stats", "--ring-size", "64M"}, 3, rec, conns, r, pause));
+  ASSERT_NO_FATAL_FAILURE(record_churn({"--stats", "--ring-size", "64M"}, 3, rec, conns, r, pause));
   const std::string log = rec.stderr_text();
   auto figure = [&log](const std::string& key) {
     const size_t at = log.find(" " + key + " ");

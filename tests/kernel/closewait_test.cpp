@@ -35,7 +35,8 @@ std::vector<Sock> parse_socks(const std::optional<std::string>& msg) {
   while (in >> item) {
     const auto colon = item.find(':');
     if (colon == std::string::npos) return {};
-    v.push_back(Sock{std::atoi(item.c_str()), static_cast<uint16_t>(std::atoi(item.c_str() + colon + 1))});
+    v.push_back(
+        Sock{std::atoi(item.c_str()), static_cast<uint16_t>(std::atoi(item.c_str() + colon + 1))});
   }
   return v;
 }
@@ -61,8 +62,8 @@ int holder_main(Channel& ch, const char* comm, uint16_t port, int n, const std::
   for (int i = 0; i < n; ++i) {
     Fd fd(connect_tcp(AF_INET, "127.0.0.1", port));
     if (!fd.valid()) return 10;
-    if (!payload.empty() &&
-        ::send(fd.get(), payload.data(), payload.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(payload.size()))
+    if (!payload.empty() && ::send(fd.get(), payload.data(), payload.size(), MSG_NOSIGNAL) !=
+                                static_cast<ssize_t>(payload.size()))
       return 11;
     socks.push_back(Sock{fd.get(), local_port(fd.get())});
     fds.push_back(std::move(fd));
@@ -166,7 +167,8 @@ TEST_F(CloseWaitTest, StuckSocketsNamePidAndFdsAsSsDoes) {
   // Kernel ground truth: ss names the holder and its fds.
   const auto ss = ss_close_wait(ns);
   for (const Sock& s : socks) {
-    auto it = std::find_if(ss.begin(), ss.end(), [&](const SsSocket& x) { return x.lport == s.lport; });
+    auto it =
+        std::find_if(ss.begin(), ss.end(), [&](const SsSocket& x) { return x.lport == s.lport; });
     ASSERT_NE(it, ss.end());
     ASSERT_EQ(it->users.size(), 1u) << it->line;
     EXPECT_EQ(it->users[0].pid, holder);
@@ -174,11 +176,14 @@ TEST_F(CloseWaitTest, StuckSocketsNamePidAndFdsAsSsDoes) {
     EXPECT_EQ(ss_recv_q(*it), 1) << "ss counts the unread FIN";
   }
 
-  ASSERT_TRUE(tracer.wait_for([](const std::vector<json>& lines) {
-    int n = 0;
-    for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
-    return n >= kN;
-  }, 15000ms)) << tracer.diagnostics();
+  ASSERT_TRUE(tracer.wait_for(
+      [](const std::vector<json>& lines) {
+        int n = 0;
+        for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
+        return n >= kN;
+      },
+      15000ms))
+      << tracer.diagnostics();
   const std::string cmdline = cmdline_of(holder);
   ASSERT_FALSE(cmdline.empty());
   for (const Sock& s : socks) {
@@ -267,12 +272,16 @@ TEST_F(CloseWaitTest, CloseWaitFromBeforeTheStartIsFound) {
 
   Tracer tracer;
   ASSERT_TRUE(tracer.start(ns, {"--close-wait-threshold", "1"})) << tracer.diagnostics();
-  ASSERT_TRUE(tracer.wait_for([](const std::vector<json>& lines) {
-    for (const auto& l : lines)
-      if (l.value("type", "") == "close_wait_stuck") return true;
-    return false;
-  }, 10000ms)) << tracer.diagnostics();
-  const auto upper_ms = std::chrono::duration_cast<Millis>(std::chrono::steady_clock::now() - closed_at).count();
+  ASSERT_TRUE(tracer.wait_for(
+      [](const std::vector<json>& lines) {
+        for (const auto& l : lines)
+          if (l.value("type", "") == "close_wait_stuck") return true;
+        return false;
+      },
+      10000ms))
+      << tracer.diagnostics();
+  const auto upper_ms =
+      std::chrono::duration_cast<Millis>(std::chrono::steady_clock::now() - closed_at).count();
   const json n = notice_for(tracer, "close_wait_stuck", socks[0].lport);
   ASSERT_TRUE(n.is_object()) << tracer.diagnostics();
   EXPECT_EQ(n["preexisting"], true);
@@ -391,7 +400,8 @@ TEST_F(CloseWaitTest, ForkedChildAndFdPassingHoldersAreListed) {
   const auto [pb, fb] = split(sb);
   const auto [pc, fc] = split(sc);
   srv.close_all();
-  ASSERT_TRUE(wait_until([&] { return ss_close_wait(ns).size() == 3; })) << ns.exec({"ss", "-tanp"}).out;
+  ASSERT_TRUE(wait_until([&] { return ss_close_wait(ns).size() == 3; }))
+      << ns.exec({"ss", "-tanp"}).out;
   // ss agrees on who holds what.
   for (const auto& s : ss_close_wait(ns)) {
     std::vector<std::pair<pid_t, int>> users;
@@ -409,11 +419,14 @@ TEST_F(CloseWaitTest, ForkedChildAndFdPassingHoldersAreListed) {
       EXPECT_EQ(users, (std::vector<std::pair<pid_t, int>>{{child, fc}})) << s.line;
     }
   }
-  ASSERT_TRUE(tracer.wait_for([](const std::vector<json>& lines) {
-    int n = 0;
-    for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
-    return n >= 3;
-  }, 15000ms)) << tracer.diagnostics();
+  ASSERT_TRUE(tracer.wait_for(
+      [](const std::vector<json>& lines) {
+        int n = 0;
+        for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
+        return n >= 3;
+      },
+      15000ms))
+      << tracer.diagnostics();
 
   const json na = notice_for(tracer, "close_wait_stuck", pa);
   EXPECT_EQ(na["pid"], child) << na.dump();
@@ -462,11 +475,14 @@ TEST_F(CloseWaitTest, ClosedBeforeTheThresholdIsNotStuck) {
   ASSERT_TRUE(ch.send("close " + std::to_string(socks[0].lport)));  // in time
   ASSERT_EQ(ch.recv(), "closed");
   // The other one (the control) is reported: the detector works.
-  ASSERT_TRUE(tracer.wait_for([&](const std::vector<json>& lines) {
-    for (const auto& l : lines)
-      if (l.value("type", "") == "close_wait_stuck") return true;
-    return false;
-  }, 15000ms)) << tracer.diagnostics();
+  ASSERT_TRUE(tracer.wait_for(
+      [&](const std::vector<json>& lines) {
+        for (const auto& l : lines)
+          if (l.value("type", "") == "close_wait_stuck") return true;
+        return false;
+      },
+      15000ms))
+      << tracer.diagnostics();
   std::this_thread::sleep_for(500ms);  // past both crossings for sure
   ch.send("exit");
   EXPECT_EQ(ns.wait(holder), 0);
@@ -484,9 +500,7 @@ TEST_F(CloseWaitTest, ClosedBeforeTheThresholdIsNotStuck) {
   EXPECT_DOUBLE_EQ(rep["close_wait_summary"]["threshold_s"].get<double>(), 2.0);
 }
 
-bool have_redis() {
-  return run_cmd({"sh", "-c", "command -v redis-server"}).status == 0;
-}
+bool have_redis() { return run_cmd({"sh", "-c", "command -v redis-server"}).status == 0; }
 
 // A real server as the peer: redis-server (`timeout 1`) closes idle clients;
 // our client sent PING on each connection and never reads nor closes.
@@ -505,18 +519,22 @@ TEST_F(CloseWaitTest, RedisIdleTimeoutLeavesTheClientInCloseWait) {
     ::dup2(null, 1);
     ::dup2(null, 2);
     ::chdir("/tmp");
-    ::execlp("redis-server", "redis-server", "--port", "16379", "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--timeout", "1", "--daemonize", "no",
+    ::execlp("redis-server", "redis-server", "--port", "16379", "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--timeout", "1", "--daemonize", "no",
              static_cast<char*>(nullptr));
     return 127;
   });
-  ASSERT_TRUE(wait_until([&] {
-    for (const auto& s : ss_sockets(ns))
-      if (s.state == "LISTEN" && s.lport == kPort) return true;
-    return false;
-  }, 10000ms)) << "redis-server did not listen";
+  ASSERT_TRUE(wait_until(
+      [&] {
+        for (const auto& s : ss_sockets(ns))
+          if (s.state == "LISTEN" && s.lport == kPort) return true;
+        return false;
+      },
+      10000ms))
+      << "redis-server did not listen";
   Channel ch;
-  const pid_t client = ns.spawn([&] { return holder_main(ch, "cw-redis-cli", kPort, kN, "PING\r\n"); });
+  const pid_t client =
+      ns.spawn([&] { return holder_main(ch, "cw-redis-cli", kPort, kN, "PING\r\n"); });
   const auto socks = parse_socks(ch.recv());
   ASSERT_EQ(socks.size(), static_cast<size_t>(kN));
   ASSERT_TRUE(wait_until([&] { return ss_close_wait(ns).size() == kN; }, 15000ms))
@@ -527,11 +545,14 @@ TEST_F(CloseWaitTest, RedisIdleTimeoutLeavesTheClientInCloseWait) {
     EXPECT_EQ(s.users[0].pid, client);
     EXPECT_EQ(ss_recv_q(s), 8) << "+PONG\\r\\n and the FIN: " << s.line;
   }
-  ASSERT_TRUE(tracer.wait_for([](const std::vector<json>& lines) {
-    int n = 0;
-    for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
-    return n >= kN;
-  }, 15000ms)) << tracer.diagnostics();
+  ASSERT_TRUE(tracer.wait_for(
+      [](const std::vector<json>& lines) {
+        int n = 0;
+        for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
+        return n >= kN;
+      },
+      15000ms))
+      << tracer.diagnostics();
   for (const Sock& s : socks) {
     const json n = notice_for(tracer, "close_wait_stuck", s.lport);
     ASSERT_TRUE(n.is_object()) << tracer.diagnostics();

@@ -21,8 +21,8 @@ uint64_t one_conn(const Tracer& t, uint16_t lport, uint16_t rport) {
   const auto v = t.conns_with(lport, rport);
   if (v.size() != 1)
     throw std::runtime_error("expected one conn " + std::to_string(lport) + "->" +
-                             std::to_string(rport) + ", found " + std::to_string(v.size()) +
-                             "\n" + t.diagnostics());
+                             std::to_string(rport) + ", found " + std::to_string(v.size()) + "\n" +
+                             t.diagnostics());
   return v[0];
 }
 
@@ -51,9 +51,11 @@ TEST_F(FilterTest, NetnsFilterSeesOnlyItsNamespace) {
 
   const auto pa = make_connection(a, {.server_port = 40001});
   const auto pb = make_connection(b, {.server_port = 40002});
-  const auto pa6 =
-      make_connection(a, {.server_family = AF_INET6, .server_addr = "::1", .server_port = 40003,
-                          .client_family = AF_INET6, .connect_addr = "::1"});
+  const auto pa6 = make_connection(a, {.server_family = AF_INET6,
+                                       .server_addr = "::1",
+                                       .server_port = 40003,
+                                       .client_family = AF_INET6,
+                                       .connect_addr = "::1"});
   ASSERT_EQ(ta.stop(), 0) << ta.diagnostics();
   ASSERT_EQ(tb.stop(), 0) << tb.diagnostics();
 
@@ -146,8 +148,10 @@ TEST_F(FilterTest, FamilyFiltersSplitIpv4AndIpv6) {
   ASSERT_TRUE(v4.start(ns, {"-4"})) << v4.diagnostics();
   ASSERT_TRUE(v6.start(ns, {"-6"})) << v6.diagnostics();
   const auto a = make_connection(ns, {.server_port = 40020});
-  const auto b = make_connection(ns, {.server_family = AF_INET6, .server_addr = "::1",
-                                      .server_port = 40021, .client_family = AF_INET6,
+  const auto b = make_connection(ns, {.server_family = AF_INET6,
+                                      .server_addr = "::1",
+                                      .server_port = 40021,
+                                      .client_family = AF_INET6,
                                       .connect_addr = "::1"});
   for (Tracer* t : {&all, &v4, &v6}) ASSERT_EQ(t->stop(), 0) << t->diagnostics();
 
@@ -179,10 +183,10 @@ TEST_F(FilterTest, FamilyFiltersCountV4MappedAsIpv4) {
   ASSERT_TRUE(all.start(ns)) << all.diagnostics();
   ASSERT_TRUE(v4.start(ns, {"-4"})) << v4.diagnostics();
   ASSERT_TRUE(v6.start(ns, {"-6"})) << v6.diagnostics();
-  const auto mc = make_connection(ns, {.server_port = 40030, .client_family = AF_INET6,
-                                       .connect_addr = "::ffff:127.0.0.1"});
-  const auto ms = make_connection(ns, {.server_family = AF_INET6, .server_addr = "::",
-                                       .server_port = 40031, .v6only = false});
+  const auto mc = make_connection(
+      ns, {.server_port = 40030, .client_family = AF_INET6, .connect_addr = "::ffff:127.0.0.1"});
+  const auto ms = make_connection(
+      ns, {.server_family = AF_INET6, .server_addr = "::", .server_port = 40031, .v6only = false});
   for (Tracer* t : {&all, &v4, &v6}) ASSERT_EQ(t->stop(), 0) << t->diagnostics();
 
   const uint64_t dual_listener = one_conn(all, 40031, 0);

@@ -11,9 +11,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -138,8 +138,7 @@ const char* tcpscope_binary() {
 }
 
 TempDir::TempDir() {
-  std::string tmpl =
-      (std::filesystem::temp_directory_path() / "tcpscope-kcap-XXXXXX").string();
+  std::string tmpl = (std::filesystem::temp_directory_path() / "tcpscope-kcap-XXXXXX").string();
   if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
   path_ = tmpl;
 }
@@ -422,8 +421,7 @@ void Fd::reset(int fd) {
 const char* loopback(int family) { return family == AF_INET6 ? "::1" : "127.0.0.1"; }
 
 namespace {
-bool make_addr(int family, const char* addr, uint16_t port, sockaddr_storage& ss,
-               socklen_t& len) {
+bool make_addr(int family, const char* addr, uint16_t port, sockaddr_storage& ss, socklen_t& len) {
   std::memset(&ss, 0, sizeof(ss));
   if (family == AF_INET) {
     auto* a = reinterpret_cast<sockaddr_in*>(&ss);
@@ -443,8 +441,7 @@ bool make_addr(int family, const char* addr, uint16_t port, sockaddr_storage& ss
 
 uint16_t port_of(const sockaddr_storage& ss) {
   if (ss.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in*>(&ss)->sin_port);
-  if (ss.ss_family == AF_INET6)
-    return ntohs(reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_port);
+  if (ss.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_port);
   return 0;
 }
 }  // namespace
@@ -579,8 +576,7 @@ std::vector<SsSocket> ss_time_wait(const NetNs& ns) {
   return v;
 }
 
-std::vector<SsSocket> ss_find(const std::vector<SsSocket>& all, uint16_t lport,
-                              uint16_t rport) {
+std::vector<SsSocket> ss_find(const std::vector<SsSocket>& all, uint16_t lport, uint16_t rport) {
   std::vector<SsSocket> v;
   for (const auto& s : all)
     if (s.lport == lport && (rport == 0 || s.rport == rport)) v.push_back(s);
@@ -639,8 +635,7 @@ bool Tracer::start(const NetNs& ns, const std::vector<std::string>& extra, Milli
   return start_raw(args, timeout);
 }
 
-bool Tracer::start_raw(const std::vector<std::string>& args, Millis timeout,
-                       bool wait_start_line) {
+bool Tracer::start_raw(const std::vector<std::string>& args, Millis timeout, bool wait_start_line) {
   args_ = {tcpscope_binary()};
   args_.insert(args_.end(), args.begin(), args.end());
   int out[2], err[2];
@@ -709,8 +704,10 @@ void Tracer::reader() {
         }
         // A vanished connection lost at least one event (its CLOSE).
         const std::string type = j.value("type", "");
-        if (type == "lost") g_counted_losses += j.value("count", uint64_t{1});
-        else if (type == "vanished") g_counted_losses += 1;
+        if (type == "lost")
+          g_counted_losses += j.value("count", uint64_t{1});
+        else if (type == "vanished")
+          g_counted_losses += 1;
         else if (type == "report") {
           g_counted_losses += j.value("lost_gaps", uint64_t{0});
           if (j.contains("time_wait"))
@@ -726,14 +723,13 @@ void Tracer::reader() {
   eof_ = true;
 }
 
-bool Tracer::wait_for(const std::function<bool(const std::vector<json>&)>& pred,
-                      Millis timeout) {
+bool Tracer::wait_for(const std::function<bool(const std::vector<json>&)>& pred, Millis timeout) {
   return wait_until(
-      [&] {
-        std::lock_guard lock(mu_);
-        return pred(lines_) || eof_;
-      },
-      timeout, 2ms) &&
+             [&] {
+               std::lock_guard lock(mu_);
+               return pred(lines_) || eof_;
+             },
+             timeout, 2ms) &&
          [&] {
            std::lock_guard lock(mu_);
            return pred(lines_);

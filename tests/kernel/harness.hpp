@@ -40,15 +40,15 @@ std::string missing_prerequisite();
 
 // Skip (or in CI, fail) the current test when kernel tests cannot run. Use in
 // SetUp() or at the top of a test body.
-#define KTEST_REQUIRE_KERNEL()                                                   \
-  do {                                                                           \
-    const std::string ktest_reason_ = ::ktest::missing_prerequisite();           \
-    if (!ktest_reason_.empty()) {                                                \
-      if (::ktest::in_ci())                                                      \
+#define KTEST_REQUIRE_KERNEL()                                                    \
+  do {                                                                            \
+    const std::string ktest_reason_ = ::ktest::missing_prerequisite();            \
+    if (!ktest_reason_.empty()) {                                                 \
+      if (::ktest::in_ci())                                                       \
         FAIL() << ktest_reason_ << " (CI=true: kernel tests must run, not skip)"; \
-      else                                                                       \
-        GTEST_SKIP() << ktest_reason_;                                           \
-    }                                                                            \
+      else                                                                        \
+        GTEST_SKIP() << ktest_reason_;                                            \
+    }                                                                             \
   } while (0)
 
 // Fixture base: every kernel test derives from it.
@@ -65,8 +65,7 @@ class KernelTest : public ::testing::Test {
 uint64_t counted_losses();
 
 // Polls pred every `every` until it holds or timeout passes; returns pred().
-bool wait_until(const std::function<bool()>& pred, Millis timeout = 5000ms,
-                Millis every = 5ms);
+bool wait_until(const std::function<bool()>& pred, Millis timeout = 5000ms, Millis every = 5ms);
 
 // ---- commands ------------------------------------------------------------------
 
@@ -250,7 +249,7 @@ ConnPorts make_connection(const NetNs& ns, const ConnSpec& spec);
 // ---- kernel ground truth ---------------------------------------------------------
 
 struct SsSocket {
-  std::string state;  // "ESTAB", "TIME-WAIT", "FIN-WAIT-2", ...
+  std::string state;         // "ESTAB", "TIME-WAIT", "FIN-WAIT-2", ...
   std::string laddr, raddr;  // without brackets
   uint16_t lport = 0, rport = 0;
   struct User {
@@ -267,8 +266,7 @@ std::vector<SsSocket> ss_sockets(const NetNs& ns);
 // `ss -tanH state time-wait` in the namespace.
 std::vector<SsSocket> ss_time_wait(const NetNs& ns);
 // Sockets with this local and (0 = any) remote port.
-std::vector<SsSocket> ss_find(const std::vector<SsSocket>& all, uint16_t lport,
-                              uint16_t rport = 0);
+std::vector<SsSocket> ss_find(const std::vector<SsSocket>& all, uint16_t lport, uint16_t rport = 0);
 // Waits until ss shows a socket lport->rport in state (e.g. "FIN-WAIT-2").
 bool wait_ss_state(const NetNs& ns, uint16_t lport, uint16_t rport, const std::string& state,
                    Millis timeout = 5000ms);
@@ -288,8 +286,7 @@ class Tracer {
 
   // Starts `tcpscope --json --netns NS.path() extra...` and waits for the
   // start line. False (see diagnostics()) if it exits or times out first.
-  bool start(const NetNs& ns, const std::vector<std::string>& extra = {},
-             Millis timeout = 30000ms);
+  bool start(const NetNs& ns, const std::vector<std::string>& extra = {}, Millis timeout = 30000ms);
   // Starts the binary with exactly these arguments (no --json added).
   bool start_raw(const std::vector<std::string>& args, Millis timeout = 30000ms,
                  bool wait_start_line = true);
@@ -353,7 +350,8 @@ class Tracer {
 // traffic causes them too, so a test asserts its own events exactly
 // instead, and this is zero.
 inline uint64_t ring_full_losses(const json& report) {
-  return report.value("lost_events", uint64_t{0}) - report.value("lost_kernel_skipped", uint64_t{0});
+  return report.value("lost_events", uint64_t{0}) -
+         report.value("lost_kernel_skipped", uint64_t{0});
 }
 
 // The identity a connection's events must carry.
@@ -377,9 +375,7 @@ void expect_owner(const std::vector<json>& events, pid_t pid, const std::string&
 std::map<std::string, uint64_t> counts(const json& report, const char* key);
 
 // True for a line about one connection (a numeric "conn").
-inline bool has_conn(const json& e) {
-  return e.contains("conn") && e["conn"].is_number_unsigned();
-}
+inline bool has_conn(const json& e) { return e.contains("conn") && e["conn"].is_number_unsigned(); }
 
 // Helpers over a line list.
 std::vector<std::string> state_path_of(const std::vector<json>& lines, uint64_t conn);

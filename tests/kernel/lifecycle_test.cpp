@@ -158,8 +158,7 @@ TEST_P(CloseTest, ExactLifecycleOnBothSides) {
 
 INSTANTIATE_TEST_SUITE_P(Loopback, CloseTest,
                          ::testing::Values(CloseCase{AF_INET, true}, CloseCase{AF_INET6, true},
-                                           CloseCase{AF_INET, false},
-                                           CloseCase{AF_INET6, false}),
+                                           CloseCase{AF_INET, false}, CloseCase{AF_INET6, false}),
                          case_name);
 // The same lifecycles through the fallback attach flavours, each forced:
 // the programs' untyped reads (bpf_probe_read_kernel) and, for classic

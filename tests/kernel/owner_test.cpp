@@ -137,8 +137,7 @@ void expect_each_process_owns_its_sockets(const std::vector<std::string>& args) 
   for (const auto& e : tracer.events_for(server[0])) {
     if (e.value("type", "") != "state") continue;
     const std::string to = e.value("new", "");
-    EXPECT_EQ(e.value("owner", ""),
-              to == "LAST_ACK" || to == "CLOSE" ? "syscall" : "listener")
+    EXPECT_EQ(e.value("owner", ""), to == "LAST_ACK" || to == "CLOSE" ? "syscall" : "listener")
         << e.dump();
   }
   // The softirq transitions must be there to be checked.
@@ -261,9 +260,11 @@ void expect_worker_named_after_first_recv(const std::vector<std::string>& args) 
   const auto accepted = tracer.conns_with(sport, cport);
   ASSERT_EQ(accepted.size(), 1u) << diag;
   EXPECT_EQ(tracer.state_path(accepted[0]), kPassiveOpenPassiveClose) << diag;
-  std::vector<std::pair<std::string, pid_t>> got, want = {
-      {"SYN_RECV", ::getpid()}, {"ESTABLISHED", ::getpid()}, {"CLOSE_WAIT", worker},
-      {"LAST_ACK", worker},     {"CLOSE", worker}};
+  std::vector<std::pair<std::string, pid_t>> got, want = {{"SYN_RECV", ::getpid()},
+                                                          {"ESTABLISHED", ::getpid()},
+                                                          {"CLOSE_WAIT", worker},
+                                                          {"LAST_ACK", worker},
+                                                          {"CLOSE", worker}};
   for (const auto& e : tracer.events_for(accepted[0])) {
     if (e.value("type", "") != "state") continue;
     got.emplace_back(e.value("new", ""), e.value("pid", -1));

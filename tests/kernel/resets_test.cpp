@@ -32,10 +32,12 @@ struct Pair {
 
 ::testing::AssertionResult make_pair(Pair& p) {
   p.listener = Fd(listen_tcp(AF_INET, "127.0.0.1"));
-  if (!p.listener.valid()) return ::testing::AssertionFailure() << "listen: " << std::strerror(errno);
+  if (!p.listener.valid())
+    return ::testing::AssertionFailure() << "listen: " << std::strerror(errno);
   p.sport = local_port(p.listener.get());
   p.client = Fd(connect_tcp(AF_INET, "127.0.0.1", p.sport));
-  if (!p.client.valid()) return ::testing::AssertionFailure() << "connect: " << std::strerror(errno);
+  if (!p.client.valid())
+    return ::testing::AssertionFailure() << "connect: " << std::strerror(errno);
   p.server = Fd(accept_tcp(p.listener.get()));
   if (!p.server.valid()) return ::testing::AssertionFailure() << "accept: " << std::strerror(errno);
   p.cport = local_port(p.client.get());
@@ -162,8 +164,8 @@ void expect_received(const json& e, uint64_t conn, const std::string& state,
 void expect_late_fin(const json& lf, const json& sent, uint64_t peer_conn,
                      const std::string& peer_state) {
   SCOPED_TRACE(lf.dump());
-  for (const char* k : {"time", "conn", "family", "laddr", "lport", "raddr", "rport", "pid",
-                        "comm", "since_close_ms", "cause", "reason", "seg_flags", "seg_len"})
+  for (const char* k : {"time", "conn", "family", "laddr", "lport", "raddr", "rport", "pid", "comm",
+                        "since_close_ms", "cause", "reason", "seg_flags", "seg_len"})
     EXPECT_EQ(lf.at(k), sent.at(k)) << k;
   ASSERT_TRUE(lf.at("peer").is_object());
   EXPECT_EQ(lf.at("peer").at("conn").get<uint64_t>(), peer_conn);
@@ -222,8 +224,8 @@ TEST_F(ResetTest, NoTimeWaitLateFinDrawsResetNamingTheClosedClient) {
     ASSERT_TRUE(wait_until([&] { return gone(ns, cport, sport); }))
         << ns.exec({"ss", "-tanoe"}).out;
     std::this_thread::sleep_for(300ms);
-    since_lo = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - after_close)
-                   .count();
+    since_lo =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - after_close).count();
     afd.reset();  // the server's FIN: no socket answers but with a RST
     ASSERT_TRUE(wait_until([&] { return gone(ns, sport, cport); }))
         << ns.exec({"ss", "-tanoe"}).out;
@@ -245,8 +247,8 @@ TEST_F(ResetTest, NoTimeWaitLateFinDrawsResetNamingTheClosedClient) {
 
   const auto sent = tracer.events("reset_sent");
   ASSERT_EQ(sent.size(), 1u) << diag;
-  expect_sent(sent[0], {client[0], "NONE", "NO_SOCKET", "no_time_wait", "FIN|ACK", 0, true,
-                        cport, sport, client_pid, kClientComm, since_lo, since_hi});
+  expect_sent(sent[0], {client[0], "NONE", "NO_SOCKET", "no_time_wait", "FIN|ACK", 0, true, cport,
+                        sport, client_pid, kClientComm, since_lo, since_hi});
   const auto received = tracer.events("reset_received");
   ASSERT_EQ(received.size(), 1u) << diag;
   expect_received(received[0], server[0], "LAST_ACK", "no_time_wait", sport, cport);
@@ -287,9 +289,9 @@ TEST_F(ResetTest, LostFinalAckRetransmitsFinInLastAckAndTimeWaitAnswers) {
     ASSERT_TRUE(wait_ss_state(ns, sport, cport, "CLOSE-WAIT"));
     // From now on the client's only segment is the ACK of the server's FIN:
     // a bare ACK from cport to sport. Drop it.
-    ASSERT_TRUE(drop_rule(ns, {"ip", "saddr", "127.0.0.1", "tcp", "sport", std::to_string(cport),
-                               "tcp", "dport", std::to_string(sport), "tcp", "flags", "&",
-                               "(fin|syn|rst|psh|ack)", "==", "ack"}));
+    ASSERT_TRUE(drop_rule(
+        ns, {"ip", "saddr", "127.0.0.1", "tcp", "sport", std::to_string(cport), "tcp", "dport",
+             std::to_string(sport), "tcp", "flags", "&", "(fin|syn|rst|psh|ack)", "==", "ack"}));
     p.server.reset();
     // Two retransmitted FINs (RTO 200 ms, then 400 ms), each answered by
     // the client's tw sock with an ACK that is dropped too.
@@ -391,8 +393,8 @@ TEST_F(ResetTest, LingerZeroIsLingerAbort) {
   ASSERT_EQ(sent.size(), 1u) << diag;
   // tcp_disconnect() moves to CLOSE, then sends the RST with reason
   // TCP_STATE: only tcpscope's analysis tells it is SO_LINGER 0.
-  expect_sent(sent[0], {client[0], "CLOSE", "TCP_STATE", "linger_abort", "", 0, false, cport,
-                        sport, ::getpid(), own_comm(), 0, -1});
+  expect_sent(sent[0], {client[0], "CLOSE", "TCP_STATE", "linger_abort", "", 0, false, cport, sport,
+                        ::getpid(), own_comm(), 0, -1});
   const auto received = tracer.events("reset_received");
   ASSERT_EQ(received.size(), 1u) << diag;
   expect_received(received[0], server[0], "ESTABLISHED", "linger_abort", sport, cport);
@@ -450,22 +452,24 @@ TEST_F(ResetTest, CloseWithUnreadDataIsUnreadData) {
 // ---- data sent to a socket already closed for reading ---------------------------
 
 enum class AfterClose {
-  TimeWaitSock,    // default: the orphan FIN_WAIT2 became a tw sock
-  FullFinWait2,    // tcp_fin_timeout 120: the orphan stays a full FIN_WAIT2
-  FullFinWait1,    // the ACK of its FIN dropped: still FIN_WAIT1
+  TimeWaitSock,  // default: the orphan FIN_WAIT2 became a tw sock
+  FullFinWait2,  // tcp_fin_timeout 120: the orphan stays a full FIN_WAIT2
+  FullFinWait1,  // the ACK of its FIN dropped: still FIN_WAIT1
 };
 
 std::string after_close_name(const ::testing::TestParamInfo<AfterClose>& i) {
   switch (i.param) {
-    case AfterClose::TimeWaitSock: return "TimeWaitSock";
-    case AfterClose::FullFinWait2: return "FullFinWait2";
-    case AfterClose::FullFinWait1: return "FullFinWait1";
+    case AfterClose::TimeWaitSock:
+      return "TimeWaitSock";
+    case AfterClose::FullFinWait2:
+      return "FullFinWait2";
+    case AfterClose::FullFinWait1:
+      return "FullFinWait1";
   }
   return "?";
 }
 
-class DataAfterCloseTest : public KernelTest,
-                           public ::testing::WithParamInterface<AfterClose> {};
+class DataAfterCloseTest : public KernelTest, public ::testing::WithParamInterface<AfterClose> {};
 
 TEST_P(DataAfterCloseTest, PeerDataAfterCloseIsDataAfterClose) {
   const AfterClose mode = GetParam();
@@ -484,9 +488,9 @@ TEST_P(DataAfterCloseTest, PeerDataAfterCloseIsDataAfterClose) {
     sport = p.sport;
     cport = p.cport;
     if (mode == AfterClose::FullFinWait1) {
-      ASSERT_TRUE(drop_rule(ns, {"ip", "saddr", "127.0.0.1", "tcp", "sport",
-                                 std::to_string(sport), "tcp", "dport", std::to_string(cport),
-                                 "tcp", "flags", "&", "(fin|syn|rst|psh|ack)", "==", "ack"}));
+      ASSERT_TRUE(drop_rule(
+          ns, {"ip", "saddr", "127.0.0.1", "tcp", "sport", std::to_string(sport), "tcp", "dport",
+               std::to_string(cport), "tcp", "flags", "&", "(fin|syn|rst|psh|ack)", "==", "ack"}));
     }
     const auto before_close = Clock::now();
     p.client.reset();
@@ -496,8 +500,8 @@ TEST_P(DataAfterCloseTest, PeerDataAfterCloseIsDataAfterClose) {
                               mode == AfterClose::FullFinWait1 ? "FIN-WAIT-1" : "FIN-WAIT-2"))
         << ns.exec({"ss", "-tanoe"}).out;
     if (mode != AfterClose::FullFinWait1) std::this_thread::sleep_for(100ms);
-    since_lo = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - after_close)
-                   .count();
+    since_lo =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - after_close).count();
     ASSERT_EQ(::send(p.server.get(), "hello", 5, 0), 5);
     ASSERT_TRUE(wait_readable(p.server.get()));
     since_hi = ms_since(before_close);
@@ -520,10 +524,10 @@ TEST_P(DataAfterCloseTest, PeerDataAfterCloseIsDataAfterClose) {
   const bool tw_sock = mode == AfterClose::TimeWaitSock;
   const auto sent = tracer.events("reset_sent");
   ASSERT_EQ(sent.size(), 1u) << diag;
-  expect_sent(sent[0], {client[0], tw_sock ? "TIME_WAIT" : "CLOSE",
-                        tw_sock ? "TCP_TIMEWAIT_SOCKET" : "TCP_ABORT_ON_DATA", "data_after_close",
-                        "PSH|ACK", 5, false, cport, sport, ::getpid(), own_comm(), since_lo,
-                        since_hi});
+  expect_sent(sent[0],
+              {client[0], tw_sock ? "TIME_WAIT" : "CLOSE",
+               tw_sock ? "TCP_TIMEWAIT_SOCKET" : "TCP_ABORT_ON_DATA", "data_after_close", "PSH|ACK",
+               5, false, cport, sport, ::getpid(), own_comm(), since_lo, since_hi});
   // Only the server received a RST (the kernel's tcp_reset() on the closed
   // side is not one).
   const auto received = tracer.events("reset_received");
@@ -586,8 +590,7 @@ TEST_F(ResetTest, SynToClosedPortIsNoListener) {
   ASSERT_EQ(received.size(), 1u) << diag;
   ASSERT_TRUE(has_conn(received[0])) << diag;
   const uint64_t client = received[0].at("conn").get<uint64_t>();
-  EXPECT_EQ(tracer.state_path(client),
-            (std::vector<std::string>{"CLOSE", "SYN_SENT", "CLOSE"}))
+  EXPECT_EQ(tracer.state_path(client), (std::vector<std::string>{"CLOSE", "SYN_SENT", "CLOSE"}))
       << diag;
   const uint16_t cport_seen = sent[0].value("rport", uint16_t{0});
   if (cport != 0) {
@@ -636,8 +639,8 @@ TEST_P(TwKilledTest, LateFinAfterTwKilledIsTwKilled) {
     ASSERT_TRUE(wait_until([&] { return gone(ns, cport, sport); }))
         << "ss -K did not kill the tw sock: " << ns.exec({"ss", "-tanoe"}).out;
     std::this_thread::sleep_for(delay);
-    since_lo = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - after_close)
-                   .count();
+    since_lo =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - after_close).count();
     p.server.reset();
     ASSERT_TRUE(wait_until([&] { return gone(ns, sport, cport); }))
         << ns.exec({"ss", "-tanoe"}).out;
@@ -702,8 +705,8 @@ TEST_F(ResetTest, LateFinAfterFinWait2TimeoutIsFinWait2Timeout) {
         << ns.exec({"ss", "-tanoe"}).out;
     EXPECT_GE(ms_since(before_close), 900);
     std::this_thread::sleep_for(200ms);
-    since_lo = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - after_close)
-                   .count();
+    since_lo =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - after_close).count();
     p.server.reset();
     ASSERT_TRUE(wait_until([&] { return gone(ns, sport, cport); }))
         << ns.exec({"ss", "-tanoe"}).out;

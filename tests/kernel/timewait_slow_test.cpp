@@ -35,8 +35,8 @@ TEST_F(TimeWaitSlowTest, RealExpiryAfterSixtySecondsBothModes) {
   Side timer, sweep;
   for (Side* s : {&timer, &sweep}) {
     // Nothing shortens TIME_WAIT: default fin timeout, no reuse.
-    s->ns = std::make_unique<NetNs>(std::vector<std::string>{"net.ipv4.tcp_fin_timeout=60",
-                                                             "net.ipv4.tcp_tw_reuse=0"});
+    s->ns = std::make_unique<NetNs>(
+        std::vector<std::string>{"net.ipv4.tcp_fin_timeout=60", "net.ipv4.tcp_tw_reuse=0"});
   }
   ASSERT_TRUE(timer.tracer.start(*timer.ns)) << timer.tracer.diagnostics();
   ASSERT_TRUE(sweep.tracer.start(*sweep.ns, {"--no-tw-timers", "--tw-sweep-interval", "0.2"}))
@@ -104,8 +104,8 @@ TEST_F(TimeWaitSlowTest, RealExpiryAfterSixtySecondsBothModes) {
     EXPECT_EQ(e.value("substate", ""), "TIME_WAIT") << e.dump();
     EXPECT_EQ(e.value("method", ""), w.method) << e.dump();
     const int64_t ms = e.value("duration_ms", int64_t{-1});
-    std::printf("%s mode: TIME_WAIT of %d->%d ended %s after %lld ms\n", w.method, s.sport,
-                s.cport, e.value("cause", "?").c_str(), static_cast<long long>(ms));
+    std::printf("%s mode: TIME_WAIT of %d->%d ended %s after %lld ms\n", w.method, s.sport, s.cport,
+                e.value("cause", "?").c_str(), static_cast<long long>(ms));
     EXPECT_GE(ms, w.lo) << e.dump();
     EXPECT_LE(ms, w.hi) << e.dump();
 

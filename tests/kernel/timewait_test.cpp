@@ -53,9 +53,8 @@ const char* mode_name(Mode m) { return timers(m) ? "timer" : "sweep"; }
 constexpr const char* kAddr = "127.0.0.1";
 
 size_t count_type(const std::vector<json>& lines, const std::string& type) {
-  return static_cast<size_t>(std::count_if(lines.begin(), lines.end(), [&](const json& l) {
-    return l.value("type", "") == type;
-  }));
+  return static_cast<size_t>(std::count_if(
+      lines.begin(), lines.end(), [&](const json& l) { return l.value("type", "") == type; }));
 }
 
 using Tuple = std::pair<uint16_t, uint16_t>;  // (lport, rport)
@@ -63,7 +62,8 @@ using Tuple = std::pair<uint16_t, uint16_t>;  // (lport, rport)
 std::set<Tuple> tuples_of(const std::vector<json>& events) {
   std::set<Tuple> s;
   for (const auto& e : events)
-    s.emplace(static_cast<uint16_t>(e.value("lport", 0)), static_cast<uint16_t>(e.value("rport", 0)));
+    s.emplace(static_cast<uint16_t>(e.value("lport", 0)),
+              static_cast<uint16_t>(e.value("rport", 0)));
   return s;
 }
 
@@ -129,8 +129,10 @@ bool wait_settled(const NetNs& ns, size_t tw_count, Millis timeout = 10000ms) {
         const auto all = ss_sockets(ns);
         size_t tw = 0, other = 0;
         for (const auto& s : all) {
-          if (s.state == "TIME-WAIT") ++tw;
-          else if (s.state != "LISTEN") ++other;
+          if (s.state == "TIME-WAIT")
+            ++tw;
+          else if (s.state != "LISTEN")
+            ++other;
         }
         return tw == tw_count && other == 0;
       },
@@ -336,8 +338,7 @@ TEST_P(TimeWaitTest, BucketsZeroSkipsEvery) {
     ASSERT_TRUE(wait_settled(ns, 0)) << ns.exec({"ss", "-tan"}).out;
   }
   ASSERT_TRUE(tracer.wait_for(
-      [&](const std::vector<json>& l) { return count_type(l, "time_wait_skipped") >= kN; },
-      5000ms))
+      [&](const std::vector<json>& l) { return count_type(l, "time_wait_skipped") >= kN; }, 5000ms))
       << tracer.diagnostics();
   const auto tw = ss_time_wait(ns);
   const auto counters = nstat(ns);
@@ -386,8 +387,7 @@ TEST_P(TimeWaitTest, RecycledBySynOnSameTuple) {
     ASSERT_TRUE(wait_settled(ns, 1)) << ns.exec({"ss", "-tan"}).out;
     // Seen by the tracer (in sweep mode: by a sweep) before it is recycled.
     ASSERT_TRUE(tracer.wait_for(
-        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; },
-        5000ms))
+        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; }, 5000ms))
         << tracer.diagnostics();
     // The same client port again: the SYN hits the server's tw sock, which
     // gives the tuple to the listener (TCP_TW_SYN).
@@ -471,8 +471,7 @@ TEST_P(TimeWaitTest, ReusedByConnect) {
     }
     ASSERT_TRUE(wait_settled(ns, 1)) << ns.exec({"ss", "-tan"}).out;
     ASSERT_TRUE(tracer.wait_for(
-        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; },
-        5000ms))
+        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; }, 5000ms))
         << tracer.diagnostics();
     std::this_thread::sleep_for(has_delay ? 20ms : 1100ms);
     Fd c(connect_tcp(AF_INET, kAddr, kServerPort));
@@ -544,8 +543,7 @@ TEST_P(TimeWaitTest, ResetInFinWait2Substate) {
     // The server's tw sock, substate FIN_WAIT2 (ss shows the substate).
     ASSERT_TRUE(wait_ss_state(ns, sport, cport, "FIN-WAIT-2")) << ns.exec({"ss", "-tanoe"}).out;
     ASSERT_TRUE(tracer.wait_for(
-        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; },
-        5000ms))
+        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; }, 5000ms))
         << tracer.diagnostics();
     ASSERT_TRUE(set_linger_zero(c.get()));
     c.reset();
@@ -624,8 +622,8 @@ bool send_rst(uint16_t from, uint16_t to, uint32_t seq) {
   sockaddr_in dst{};
   dst.sin_family = AF_INET;
   ::inet_pton(AF_INET, kAddr, &dst.sin_addr);
-  return ::sendto(raw.get(), &th, sizeof(th), 0, reinterpret_cast<sockaddr*>(&dst),
-                  sizeof(dst)) == static_cast<ssize_t>(sizeof(th));
+  return ::sendto(raw.get(), &th, sizeof(th), 0, reinterpret_cast<sockaddr*>(&dst), sizeof(dst)) ==
+         static_cast<ssize_t>(sizeof(th));
 }
 
 // A TIME_WAIT (substate) tw sock gets a RST exactly at rcv_nxt: with
@@ -658,8 +656,7 @@ TEST_P(TimeWaitTest, ResetInTimeWaitSubstate) {
     ASSERT_TRUE(wait_settled(ns, 1)) << ns.exec({"ss", "-tanoe"}).out;
     lfd.reset();
     ASSERT_TRUE(tracer.wait_for(
-        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; },
-        5000ms))
+        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; }, 5000ms))
         << tracer.diagnostics();
 
     // tcp_rfc1337=1: the RST is dropped, the tw sock stays.
@@ -728,8 +725,7 @@ TEST_P(TimeWaitTest, SweepSeesEveryTimeWait) {
   }
   // A sweep after the last one entered: the tracer has them all.
   ASSERT_TRUE(tracer.wait_for(
-      [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") >= kN; },
-      10000ms))
+      [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") >= kN; }, 10000ms))
       << tracer.diagnostics();
   const size_t ss_count = ss_time_wait(ns).size();
   const json report = stop(tracer);

@@ -39,9 +39,12 @@ using churn::SinkKind;
 
 std::string sink_name(const testing::TestParamInfo<SinkKind>& info) {
   switch (info.param) {
-    case SinkKind::None: return "NoSink";
-    case SinkKind::Json: return "Json";
-    case SinkKind::Table: return "Table";
+    case SinkKind::None:
+      return "NoSink";
+    case SinkKind::Json:
+      return "Json";
+    case SinkKind::Table:
+      return "Table";
   }
   return "Unknown";
 }
@@ -59,8 +62,8 @@ TEST_P(SteadyChurn, AllocatesNothingPerEvent) {
     churn::ChurnPipeline p(devnull, GetParam());
     uint64_t conns = 0;
     churn::for_each_churn_event(kWarmConns + kMeasuredConns, [&](const Event& e) {
-      if (e.type == TCPSCOPE_EV_STATE && e.old_state == kTcpClose &&
-          e.new_state == kTcpSynSent && ++conns == kWarmConns + 1)
+      if (e.type == TCPSCOPE_EV_STATE && e.old_state == kTcpClose && e.new_state == kTcpSynSent &&
+          ++conns == kWarmConns + 1)
         counting = true;
       if (counting) ++counted_events;
       p.process(e);

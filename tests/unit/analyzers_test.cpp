@@ -241,18 +241,16 @@ TEST(LostAnalyzer, SumsLostRecords) {
   const Event st = State(ms(3), 8, kTcpClose, kTcpSynSent);  // conn 8: not a count
   feed(a, {&lost1, &st, &lost2});
   EXPECT_EQ(a.lost(), 8u);
-  EXPECT_EQ(json_of(a),
-            R"({"lost_events":8,"lost_kernel_skipped":1,"lost_resets_missing":0,)"
-            R"("lost_vanished":0,"lost_gaps":0})");
+  EXPECT_EQ(json_of(a), R"({"lost_events":8,"lost_kernel_skipped":1,"lost_resets_missing":0,)"
+                        R"("lost_vanished":0,"lost_gaps":0})");
   EXPECT_EQ(text_of(a),
             "\nLost events: 8\n  7 ring buffer full: raise --ring-size\n  1 runs of tcpscope's "
             "programs the kernel skipped (an interrupt hit the tracepoint again while one "
             "ran); their socket is unknown\n");
   LostAnalyzer none;
   EXPECT_EQ(text_of(none), "\nLost events: 0\n");
-  EXPECT_EQ(json_of(none),
-            R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
-            R"("lost_vanished":0,"lost_gaps":0})");
+  EXPECT_EQ(json_of(none), R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
+                           R"("lost_vanished":0,"lost_gaps":0})");
 }
 
 // Vanished connections are counted apart from lost events: how many events
@@ -269,9 +267,8 @@ TEST(LostAnalyzer, CountsVanishedConnectionsApart) {
   t.conn = nullptr;
   a.on_event(t, out);
   EXPECT_EQ(a.lost(), 0u);
-  EXPECT_EQ(json_of(a),
-            R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
-            R"("lost_vanished":1,"lost_gaps":0})");
+  EXPECT_EQ(json_of(a), R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
+                        R"("lost_vanished":1,"lost_gaps":0})");
   EXPECT_EQ(text_of(a),
             "\nLost events: 0\n  1 connections vanished: gone from the kernel's socket table "
             "at an audit, their last events never seen\n");
@@ -286,9 +283,8 @@ TEST(LostAnalyzer, CountsGaps) {
   a.on_event(t, out);
   t.gap = true;
   a.on_event(t, out);
-  EXPECT_EQ(json_of(a),
-            R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
-            R"("lost_vanished":0,"lost_gaps":1})");
+  EXPECT_EQ(json_of(a), R"({"lost_events":0,"lost_kernel_skipped":0,"lost_resets_missing":0,)"
+                        R"("lost_vanished":0,"lost_gaps":1})");
   EXPECT_EQ(text_of(a),
             "\nLost events: 0\n  1 transitions from another state than the last one seen, or "
             "retransmits past the kernel's count: those between were lost\n");
@@ -300,9 +296,8 @@ TEST(LostAnalyzer, SkippedNeverExceedsLost) {
   LostAnalyzer a;
   const Event bad = Lost(ms(1), 2, 9);
   feed(a, {&bad});
-  EXPECT_EQ(json_of(a),
-            R"({"lost_events":2,"lost_kernel_skipped":2,"lost_resets_missing":0,)"
-            R"("lost_vanished":0,"lost_gaps":0})");
+  EXPECT_EQ(json_of(a), R"({"lost_events":2,"lost_kernel_skipped":2,"lost_resets_missing":0,)"
+                        R"("lost_vanished":0,"lost_gaps":0})");
 }
 
 // Resets the kernel counted as sent with no record (reason RESET_SENT) are
@@ -314,9 +309,8 @@ TEST(LostAnalyzer, SaysMissingResetsApart) {
   missing.reason = TCPSCOPE_EV_RESET_SENT;
   const Event skipped = Lost(ms(2), 3, 3);
   feed(a, {&missing, &skipped});
-  EXPECT_EQ(json_of(a),
-            R"({"lost_events":5,"lost_kernel_skipped":5,"lost_resets_missing":2,)"
-            R"("lost_vanished":0,"lost_gaps":0})");
+  EXPECT_EQ(json_of(a), R"({"lost_events":5,"lost_kernel_skipped":5,"lost_resets_missing":2,)"
+                        R"("lost_vanished":0,"lost_gaps":0})");
   EXPECT_EQ(text_of(a),
             "\nLost events: 5\n  3 runs of tcpscope's programs the kernel skipped (an "
             "interrupt hit the tracepoint again while one ran); their socket is unknown\n"
@@ -380,7 +374,9 @@ std::vector<Event> every_kind() {
       State(ms(12), 1, kTcpFinWait1, kTcpFinWait2),
       State(ms(13), 1, kTcpFinWait2, kTcpClose),
       // 2: passive open, passive close
-      State(ms(20), 2, kTcpListen, kTcpSynRecv).lport(80).owner(7, "nginx", TCPSCOPE_OWNER_LISTENER),
+      State(ms(20), 2, kTcpListen, kTcpSynRecv)
+          .lport(80)
+          .owner(7, "nginx", TCPSCOPE_OWNER_LISTENER),
       State(ms(21), 2, kTcpSynRecv, kTcpEstablished).lport(80),
       State(ms(22), 2, kTcpEstablished, kTcpCloseWait).lport(80),
       State(ms(23), 2, kTcpCloseWait, kTcpLastAck).lport(80).owner(7, "nginx"),

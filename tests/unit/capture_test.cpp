@@ -852,8 +852,8 @@ std::optional<std::string> enter_time_wait(TriggerMonitor& m, uint64_t ts, uint6
   m.observe(on_tuple(state_ev(ts, conn, kTcpEstablished, kTcpFinWait1), port));
   m.observe(on_tuple(state_ev(ts + 1, conn, kTcpFinWait1, kTcpFinWait2), port));
   m.observe(tw_ev(TCPSCOPE_EV_TW_START, ts + 2, conn));
-  return m.observe(on_tuple(
-      state_ev(ts + 3, conn, kTcpFinWait2, kTcpClose, TCPSCOPE_SK_RCV_SHUTDOWN), port));
+  return m.observe(
+      on_tuple(state_ev(ts + 3, conn, kTcpFinWait2, kTcpClose, TCPSCOPE_SK_RCV_SHUTDOWN), port));
 }
 
 TEST(Triggers, LateFinReset) {

@@ -33,8 +33,8 @@ Event Tick(uint64_t ts) {
   e.ts_ns = ts;
   return e;
 }
-Event Holder(uint64_t ts, uint64_t conn, uint32_t pid, uint32_t fd, uint32_t idx,
-             uint32_t total, uint32_t rx, std::string_view comm = "worker") {
+Event Holder(uint64_t ts, uint64_t conn, uint32_t pid, uint32_t fd, uint32_t idx, uint32_t total,
+             uint32_t rx, std::string_view comm = "worker") {
   Ev b(TCPSCOPE_EV_HOLDER, ts, conn);
   b.owner(pid, comm, 0).rx_queue(rx).reason(fd).seg_len(idx);
   Event e = b;
@@ -76,7 +76,10 @@ Event Snapshot(uint64_t ts, uint64_t conn, uint8_t state, uint32_t ago_ms, uint3
   return b;
 }
 Event EnterCloseWait(uint64_t ts, uint64_t conn, uint32_t rx, uint16_t lport = 40000) {
-  return State(ts, conn, kTcpEstablished, kTcpCloseWait).owner(100, "app").rx_queue(rx).lport(lport);
+  return State(ts, conn, kTcpEstablished, kTcpCloseWait)
+      .owner(100, "app")
+      .rx_queue(rx)
+      .lport(lport);
 }
 
 // Notices as JSON (identity plus fields), and the report.
@@ -93,9 +96,12 @@ struct Capture : Sink {
     }
     for (int i = 0; i < n.nfields; ++i) {
       const auto& f = n.fields[i];
-      if (f.is_text) j[std::string(f.key)] = std::string(f.text);
-      else if (f.is_bool) j[std::string(f.key)] = f.number != 0;
-      else j[std::string(f.key)] = f.number;
+      if (f.is_text)
+        j[std::string(f.key)] = std::string(f.text);
+      else if (f.is_bool)
+        j[std::string(f.key)] = f.number != 0;
+      else
+        j[std::string(f.key)] = f.number;
     }
     notices.push_back(j);
   }
@@ -143,8 +149,8 @@ std::vector<Event> holder_story() {
   const std::string cmd =
       "/usr/bin/worker --serve --listen 0.0.0.0:8080 --config /etc/worker/worker.conf -v";
   for (auto& e : ProcText(s(10.8), 200, TCPSCOPE_TEXT_CMDLINE, cmd)) v.push_back(e);
-  for (auto& e : ProcText(s(10.8), 200, TCPSCOPE_TEXT_CGROUP,
-                          "/system.slice/docker-" + kHex64 + ".scope"))
+  for (auto& e :
+       ProcText(s(10.8), 200, TCPSCOPE_TEXT_CGROUP, "/system.slice/docker-" + kHex64 + ".scope"))
     v.push_back(e);
   v.push_back(Holder(s(10.8), 1, 200, 9, 0, 2, 8));
   v.push_back(Holder(s(10.8), 1, 200, 7, 1, 2, 8));
@@ -225,8 +231,7 @@ TEST(CloseWait, ClosedBeforeThresholdIsNotStuck) {
   CwRun r;
   r.feed({Config(s(1), 1000, true), EnterCloseWait(s(10), 1, 1),
           Holder(s(10.8), 1, 200, 7, 0, 1, 1), Tick(s(10.85)),
-          State(s(10.9), 1, kTcpCloseWait, kTcpLastAck), Tick(s(11.5)), Tick(s(15)),
-          End(s(16))});
+          State(s(10.9), 1, kTcpCloseWait, kTcpLastAck), Tick(s(11.5)), Tick(s(15)), End(s(16))});
   EXPECT_TRUE(r.cap.of("close_wait_stuck").empty());
   EXPECT_TRUE(r.cap.of("close_wait_end").empty());
   const json rep = r.report();
@@ -239,8 +244,8 @@ TEST(CloseWait, ClosedBeforeThresholdIsNotStuck) {
 
 TEST(CloseWait, ExactlyAtThresholdIsStuckOneNanosecondBeforeIsNot) {
   CwRun r;
-  r.feed({Config(s(1), 1000, false), EnterCloseWait(s(10), 1, 1), EnterCloseWait(s(10), 2, 1, 40001),
-          Tick(s(11) - 1)});
+  r.feed({Config(s(1), 1000, false), EnterCloseWait(s(10), 1, 1),
+          EnterCloseWait(s(10), 2, 1, 40001), Tick(s(11) - 1)});
   EXPECT_TRUE(r.cap.of("close_wait_stuck").empty());
   r.feed(Tick(s(11)));
   EXPECT_EQ(r.cap.of("close_wait_stuck").size(), 2u);
@@ -280,10 +285,9 @@ TEST(CloseWait, WithoutHolderResolutionNoticeAtFirstRecordPastThreshold) {
 
 TEST(CloseWait, PreexistingSocketFromSnapshotWithAgeBound) {
   CwRun r;
-  r.feed({Config(s(1), 1000, false),
-          State(s(99.9), 6, kTcpEstablished, kTcpCloseWait).lport(40006),
+  r.feed({Config(s(1), 1000, false), State(s(99.9), 6, kTcpEstablished, kTcpCloseWait).lport(40006),
           Snapshot(s(100), 5, kTcpCloseWait, 30000, 0),
-          Snapshot(s(100), 6, kTcpCloseWait, 5, 1),        // its own event came first
+          Snapshot(s(100), 6, kTcpCloseWait, 5, 1),  // its own event came first
           Snapshot(s(100), 7, kTcpEstablished, 10, 0),
           Snapshot(s(100), 8, kTcpCloseWait, 0xffffffffu, 1)});  // age unknown
   auto stuck = r.cap.of("close_wait_stuck");
@@ -321,7 +325,8 @@ TEST(CloseWait, EverySocketAndHolderIsARowProcessesSortedByCount) {
   CwRun r;
   std::vector<Event> v = {Config(s(1), 1000, true), EnterCloseWait(s(10), 1, 1, 41001),
                           EnterCloseWait(s(10.1), 2, 1, 41002),
-                          Proc(s(10.8), 300, "parent", s(2), 0), Proc(s(10.8), 301, "child", s(3), 0)};
+                          Proc(s(10.8), 300, "parent", s(2), 0),
+                          Proc(s(10.8), 301, "child", s(3), 0)};
   for (auto& e : ProcText(s(10.8), 300, TCPSCOPE_TEXT_CMDLINE, "parent --fork")) v.push_back(e);
   // conn 1: parent and forked child; conn 2: only the child.
   v.push_back(Holder(s(10.8), 1, 300, 5, 0, 2, 1, "parent"));
@@ -363,8 +368,9 @@ TEST(CloseWait, LaterBatchReplacesHoldersAndScanCostIsReported) {
   scan.reason = 1;
   scan.rx_queue = 1;
   scan.tx_queue = 2;
-  r.feed({Config(s(1), 1000, true), EnterCloseWait(s(10), 1, 1), Holder(s(10.8), 1, 300, 5, 0, 1, 1),
-          scan, Tick(s(11.1)), Holder(s(40), 1, 0, 0, 0, 0, 3), scan, End(s(50))});
+  r.feed({Config(s(1), 1000, true), EnterCloseWait(s(10), 1, 1),
+          Holder(s(10.8), 1, 300, 5, 0, 1, 1), scan, Tick(s(11.1)), Holder(s(40), 1, 0, 0, 0, 0, 3),
+          scan, End(s(50))});
   const json rep = r.report();
   ASSERT_EQ(rep["close_wait"].size(), 1u);
   EXPECT_EQ(rep["close_wait"][0]["holder"], "owner");  // the holder went away

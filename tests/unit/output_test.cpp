@@ -91,10 +91,9 @@ TEST(JsonWriter, CommasAndNesting) {
   w.member("n", std::string_view("sv"));
   w.end_object();
   const std::string s = fmt::to_string(buf);
-  EXPECT_EQ(s,
-            R"({"a":1,"b":[1,2,{"c":null}],"d":{},"e":[],"f":true,"g":-5,"h":1.500,)"
-            R"("i":"str","j":18446744073709551615,"k":-9223372036854775808,)"
-            R"("l":[[],[false,-2.250]],"m":200,"n":"sv"})");
+  EXPECT_EQ(s, R"({"a":1,"b":[1,2,{"c":null}],"d":{},"e":[],"f":true,"g":-5,"h":1.500,)"
+               R"("i":"str","j":18446744073709551615,"k":-9223372036854775808,)"
+               R"("l":[[],[false,-2.250]],"m":200,"n":"sv"})");
   const json j = json::parse(s);
   EXPECT_EQ(j["j"].get<uint64_t>(), std::numeric_limits<uint64_t>::max());
   EXPECT_EQ(j["k"].get<int64_t>(), std::numeric_limits<int64_t>::min());
@@ -128,21 +127,20 @@ TEST(JsonWriter, TopLevelArrayAndDeepNesting) {
 }
 
 TEST(JsonWriter, Escaping) {
-  const std::string in = std::string("q\"b\\s/\n\t\r\x01\x1f\x7f", 12) + "\xc3\xa9" +
-                         std::string("\0z", 2);
+  const std::string in =
+      std::string("q\"b\\s/\n\t\r\x01\x1f\x7f", 12) + "\xc3\xa9" + std::string("\0z", 2);
   fmt::memory_buffer buf;
   JsonWriter w(buf);
   w.begin_object();
   w.member("k\"\\", std::string_view(in));
   w.end_object();
   const std::string s = fmt::to_string(buf);
-  EXPECT_EQ(s,
-            R"({"k\"\\":"q\"b\\s/\n\t\u000d\u0001\u001f\u007f\u00c3\u00a9\u0000z"})");
+  EXPECT_EQ(s, R"({"k\"\\":"q\"b\\s/\n\t\u000d\u0001\u001f\u007f\u00c3\u00a9\u0000z"})");
   const json j = json::parse(s);
   // Each byte that is not printable ASCII comes back as the code point of
   // the same value: the output parses whatever bytes a comm holds.
-  const std::string want = std::string("q\"b\\s/\n\t\r\x01\x1f\x7f", 12) +
-                           "\xc3\x83\xc2\xa9" + std::string("\0z", 2);
+  const std::string want =
+      std::string("q\"b\\s/\n\t\r\x01\x1f\x7f", 12) + "\xc3\x83\xc2\xa9" + std::string("\0z", 2);
   EXPECT_EQ(j["k\"\\"].get<std::string>(), want);
 }
 
@@ -162,8 +160,8 @@ TEST(JsonWriter, EscapeEveryByte) {
       bytes.push_back(static_cast<char>(b));
     } else {
       ASSERT_LT(i + 1, back.size());
-      bytes.push_back(static_cast<char>(((b & 0x1f) << 6) |
-                                        (static_cast<unsigned char>(back[i + 1]) & 0x3f)));
+      bytes.push_back(
+          static_cast<char>(((b & 0x1f) << 6) | (static_cast<unsigned char>(back[i + 1]) & 0x3f)));
       ++i;
     }
   }
@@ -365,21 +363,21 @@ TEST(JsonLinesSink, Lines) {
   std::vector<ordered_json> j;
   for (const auto& l : lines) j.push_back(ordered_json::parse(l));
 
-  EXPECT_EQ(lines[0], R"({"type":"start","time":"1970-01-01T00:00:00.050000000Z","version":"test"})");
+  EXPECT_EQ(lines[0],
+            R"({"type":"start","time":"1970-01-01T00:00:00.050000000Z","version":"test"})");
 
-  const Keys conn_keys = {"type", "time", "conn", "netns", "family", "laddr", "lport",
-                          "raddr", "rport", "pid", "comm"};
+  const Keys conn_keys = {"type",  "time",  "conn",  "netns", "family", "laddr",
+                          "lport", "raddr", "rport", "pid",   "comm"};
   auto with = [&](Keys extra) {
     Keys k = conn_keys;
     k.insert(k.end(), extra.begin(), extra.end());
     return k;
   };
 
-  EXPECT_EQ(lines[1],
-            R"({"type":"state","time":"1970-01-01T00:00:00.100000000Z","conn":77,)"
-            R"("netns":4026531840,"family":4,"laddr":"10.0.0.1","lport":0,)"
-            R"("raddr":"10.0.0.2","rport":80,"pid":42,"comm":"curl","old":"CLOSE",)"
-            R"("new":"SYN_SENT","ms":null,"owner":"syscall","rx_queue":0})");
+  EXPECT_EQ(lines[1], R"({"type":"state","time":"1970-01-01T00:00:00.100000000Z","conn":77,)"
+                      R"("netns":4026531840,"family":4,"laddr":"10.0.0.1","lport":0,)"
+                      R"("raddr":"10.0.0.2","rport":80,"pid":42,"comm":"curl","old":"CLOSE",)"
+                      R"("new":"SYN_SENT","ms":null,"owner":"syscall","rx_queue":0})");
   EXPECT_EQ(keys_of(j[2]), with({"old", "new", "ms", "owner", "rx_queue"}));
   EXPECT_EQ(j[2]["lport"], 40000);  // taken once connect() picked it
   EXPECT_EQ(j[2]["old"], "SYN_SENT");
@@ -389,7 +387,8 @@ TEST(JsonLinesSink, Lines) {
   EXPECT_EQ(j[2]["pid"], 42);  // the owner stays with the connection
   EXPECT_EQ(j[2]["comm"], "curl");
 
-  EXPECT_EQ(keys_of(j[3]), with({"state", "flags", "bytes", "count", "total_retrans", "owner", "rx_queue"}));
+  EXPECT_EQ(keys_of(j[3]),
+            with({"state", "flags", "bytes", "count", "total_retrans", "owner", "rx_queue"}));
   EXPECT_EQ(j[3]["type"], "retransmit");
   EXPECT_EQ(j[3]["time"], "1970-01-01T00:00:00.120000000Z");
   EXPECT_EQ(j[3]["state"], "ESTABLISHED");
@@ -412,8 +411,7 @@ TEST(JsonLinesSink, Lines) {
   EXPECT_EQ(j[5]["new"], "CLOSE");
   EXPECT_EQ(j[5]["ms"].get<double>(), 30.0);
 
-  EXPECT_EQ(keys_of(j[6]), with({"state", "reason", "cause", "seg_flags", "seg_len",
-                                 "no_socket"}));
+  EXPECT_EQ(keys_of(j[6]), with({"state", "reason", "cause", "seg_flags", "seg_len", "no_socket"}));
   EXPECT_EQ(j[6]["type"], "reset_sent");
   EXPECT_EQ(j[6]["conn"], 77);
   EXPECT_EQ(j[6]["state"], "CLOSE");
@@ -430,7 +428,9 @@ TEST(JsonLinesSink, Lines) {
   EXPECT_EQ(j[7]["cause"], "peer_reset");
   EXPECT_EQ(j[7]["conn"], 77);
 
-  EXPECT_EQ(lines[8], R"({"type":"lost","time":"1970-01-01T00:00:00.150000000Z","count":4,"kernel_skipped":0})");
+  EXPECT_EQ(
+      lines[8],
+      R"({"type":"lost","time":"1970-01-01T00:00:00.150000000Z","count":4,"kernel_skipped":0})");
 
   // The notice, emitted at finish.
   EXPECT_EQ(keys_of(j[9]), with({"kind", "resets"}));
@@ -442,9 +442,7 @@ TEST(JsonLinesSink, Lines) {
   const ordered_json& rep = j[10];
   EXPECT_EQ(keys_of(rep), (Keys{"type", "time", "events", "connections", "retransmits",
                                 "lost_events", "lost_kernel_skipped", "lost_resets_missing",
-                                "lost_vanished", "lost_gaps",
-                                "resets",
-                                "late_fin_resets"}));
+                                "lost_vanished", "lost_gaps", "resets", "late_fin_resets"}));
   EXPECT_EQ(rep["resets"]["sent"]["total"], 2);
   EXPECT_EQ(rep["resets"]["sent"]["by_cause"]["data_after_close"], 1);
   EXPECT_EQ(rep["resets"]["sent"]["by_cause"]["no_socket"], 1);
@@ -471,25 +469,24 @@ TEST(StatsRecord, JsonAndTableLines) {
   Event st{};
   st.type = TCPSCOPE_EV_STATS;
   st.ts_ns = ms(500);
-  st.sk = 1000;           // records delivered
-  st.cgroup = 2;          // lost
-  st.conn = 400;          // BPF runs (while sampled)
-  st.aux = 80'000;        // BPF ns
+  st.sk = 1000;     // records delivered
+  st.cgroup = 2;    // lost
+  st.conn = 400;    // BPF runs (while sampled)
+  st.aux = 80'000;  // BPF ns
   st.sk_flags = TCPSCOPE_STATS_BPF;
   const uint64_t sampled = 250;
   std::memcpy(st.laddr, &sampled, sizeof(sampled));
-  st.reason = 1500;       // user CPU ms
-  st.seg_len = 500;       // system CPU ms
-  st.rx_queue = 2048;     // peak RSS KiB
-  st.netns = 3;           // sockets whose owner was not kept
+  st.reason = 1500;    // user CPU ms
+  st.seg_len = 500;    // system CPU ms
+  st.rx_queue = 2048;  // peak RSS KiB
+  st.netns = 3;        // sockets whose owner was not kept
   const auto lines = split_lines(sink_text<JsonLinesSink>({st}));
   ASSERT_EQ(lines.size(), 1u);
-  EXPECT_EQ(lines[0],
-            R"({"type":"stats","time":"1970-01-01T00:00:00.500000000Z","events":1000,)"
-            R"("lost":2,"bpf_sampled_events":250,"bpf_runs":400,"bpf_ns":80000,)"
-            R"("bpf_ns_per_event":320.000,"bpf_ns_per_run":200.000,"user_cpu_s":1.500,)"
-            R"("sys_cpu_s":0.500,"cpu_ns_per_event":2000000.000,"max_rss_kib":2048,)"
-            R"("owners_not_kept":3})");
+  EXPECT_EQ(lines[0], R"({"type":"stats","time":"1970-01-01T00:00:00.500000000Z","events":1000,)"
+                      R"("lost":2,"bpf_sampled_events":250,"bpf_runs":400,"bpf_ns":80000,)"
+                      R"("bpf_ns_per_event":320.000,"bpf_ns_per_run":200.000,"user_cpu_s":1.500,)"
+                      R"("sys_cpu_s":0.500,"cpu_ns_per_event":2000000.000,"max_rss_kib":2048,)"
+                      R"("owners_not_kept":3})");
   const StatsFigures fig = stats_figures(st);
   EXPECT_TRUE(fig.bpf);
   EXPECT_DOUBLE_EQ(fig.bpf_ns_per_event, 320.0);  // over the sampled records only
@@ -575,28 +572,29 @@ TEST(TableSink, HeaderRowsAndReport) {
       "Retransmits: 1 on 1 connections",
       "       1  10.0.0.1:40000 -> 10.0.0.2:80  pid 42 curl  last in ESTABLISHED",
       "",
-      "Lost events: 4", "  4 ring buffer full: raise --ring-size",
+      "Lost events: 4",
+      "  4 ring buffer full: raise --ring-size",
   };
   EXPECT_EQ(lines, want);
 }
 
 TEST(TableSink, Ipv6Row) {
-  EXPECT_EQ(sink_text<TableSink>(
-                {State(ms(1000), 5, kTcpListen, kTcpSynRecv)
-                     .v6({0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1},
-                         {0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2})
-                     .lport(443)
-                     .rport(51234)
-                     .owner(1000, "abcdefghijklmnop")}),
-            "00:00:01.000 1000    abcdefghijklmnop [2001:db8::1]:443     "
-            "[2001:db8:0:1::2]:51234 LISTEN      -> SYN_RECV    -\n");
+  EXPECT_EQ(
+      sink_text<TableSink>({State(ms(1000), 5, kTcpListen, kTcpSynRecv)
+                                .v6({0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1},
+                                    {0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2})
+                                .lport(443)
+                                .rport(51234)
+                                .owner(1000, "abcdefghijklmnop")}),
+      "00:00:01.000 1000    abcdefghijklmnop [2001:db8::1]:443     "
+      "[2001:db8:0:1::2]:51234 LISTEN      -> SYN_RECV    -\n");
 }
 
 // A lost record says why: a full ring buffer, runs the kernel skipped, or
 // both; a capture claiming more skipped than lost is held to what it lost.
 TEST(TableSink, LostLineSaysWhy) {
-  EXPECT_EQ(sink_text<TableSink>({Lost(ms(1000), 5, 0), Lost(ms(1001), 5, 2),
-                                  Lost(ms(1002), 5, 5), Lost(ms(1003), 1, 7)}),
+  EXPECT_EQ(sink_text<TableSink>({Lost(ms(1000), 5, 0), Lost(ms(1001), 5, 2), Lost(ms(1002), 5, 5),
+                                  Lost(ms(1003), 1, 7)}),
             "00:00:01.000 LOST 5 events (5 ring buffer full)\n"
             "00:00:01.001 LOST 5 events (3 ring buffer full, 2 program runs the kernel skipped)\n"
             "00:00:01.002 LOST 5 events (5 program runs the kernel skipped)\n"
@@ -610,12 +608,11 @@ TEST(Sinks, VanishedLine) {
   const Event gone = Vanished(ms(3500), 5, kTcpFinWait1, ms(1000));
   const auto json = split_lines(sink_text<JsonLinesSink>({st, gone}));
   ASSERT_EQ(json.size(), 2u);
-  EXPECT_EQ(json[1],
-            R"({"type":"vanished","time":"1970-01-01T00:00:03.500000000Z","conn":5,)"
-            R"("netns":4026531840,"family":4,"laddr":"10.0.0.1","lport":40000,)"
-            R"("raddr":"10.0.0.2","rport":80,)"
-            R"("pid":42,"comm":"srv","state":"FIN_WAIT1","ms":2500.000,"owner":"syscall",)"
-            R"("rx_queue":0})");
+  EXPECT_EQ(json[1], R"({"type":"vanished","time":"1970-01-01T00:00:03.500000000Z","conn":5,)"
+                     R"("netns":4026531840,"family":4,"laddr":"10.0.0.1","lport":40000,)"
+                     R"("raddr":"10.0.0.2","rport":80,)"
+                     R"("pid":42,"comm":"srv","state":"FIN_WAIT1","ms":2500.000,"owner":"syscall",)"
+                     R"("rx_queue":0})");
   EXPECT_EQ(split_lines(sink_text<TableSink>({st, gone})).at(1),
             "00:00:03.500 42      srv             10.0.0.1:40000        10.0.0.2:80           "
             "VANISHED in FIN_WAIT1: gone from the socket table, its end was lost");
@@ -702,8 +699,10 @@ std::string run_pipeline(const std::vector<Event>& evs, bool json_lines) {
     Pipeline p;
     add_core_analyzers(p, 5);
     p.add_analyzer(std::make_unique<FieldNotice>());
-    if (json_lines) p.add_sink(&js);
-    else p.add_sink(&ts);
+    if (json_lines)
+      p.add_sink(&js);
+    else
+      p.add_sink(&ts);
     for (const Event& e : evs) p.process(e);
   }
   return f.contents();

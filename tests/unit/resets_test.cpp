@@ -44,9 +44,12 @@ class Collector : public Sink {
     }
     for (int i = 0; i < n.nfields; ++i) {
       const auto& f = n.fields[i];
-      if (f.is_text) c.fields[std::string(f.key)] = std::string(f.text);
-      else if (f.is_bool) c.fields[std::string(f.key)] = f.number != 0;
-      else c.fields[std::string(f.key)] = f.number;
+      if (f.is_text)
+        c.fields[std::string(f.key)] = std::string(f.text);
+      else if (f.is_bool)
+        c.fields[std::string(f.key)] = f.number != 0;
+      else
+        c.fields[std::string(f.key)] = f.number;
     }
     all.push_back(c);
   }
@@ -292,8 +295,8 @@ void expect_one_tw_of_the_trace(const Rig& r) {
 TEST(TimeWaitAnalyzer, CookieSightingAfterTheTimerStartIsTheArmedTwSock) {
   Rig r;
   private_client_closes(r);
-  r.run({StartWithoutCookie(), CookieSighting(ms(11) + 150), PrivateClose(),
-         CookieGone(ms(1000)), End(ms(1100))});
+  r.run({StartWithoutCookie(), CookieSighting(ms(11) + 150), PrivateClose(), CookieGone(ms(1000)),
+         End(ms(1100))});
   expect_one_tw_of_the_trace(r);
 }
 
@@ -301,16 +304,16 @@ TEST(TimeWaitAnalyzer, CookieSightingAfterTheTimerStartIsTheArmedTwSock) {
 TEST(TimeWaitAnalyzer, CookieSightingBeforeTheTimerStartIsRenamedAtTheClose) {
   Rig r;
   private_client_closes(r);
-  r.run({CookieSighting(ms(11) + 50), StartWithoutCookie(), PrivateClose(),
-         CookieGone(ms(1000)), End(ms(1100))});
+  r.run({CookieSighting(ms(11) + 50), StartWithoutCookie(), PrivateClose(), CookieGone(ms(1000)),
+         End(ms(1100))});
   expect_one_tw_of_the_trace(r);
 }
 
 TEST(TimeWaitAnalyzer, CookieSightingAfterTheCloseIsTheSameTwSock) {
   Rig r;
   private_client_closes(r);
-  r.run({StartWithoutCookie(), PrivateClose(), CookieSighting(ms(11) + 300),
-         CookieGone(ms(1000)), End(ms(1100))});
+  r.run({StartWithoutCookie(), PrivateClose(), CookieSighting(ms(11) + 300), CookieGone(ms(1000)),
+         End(ms(1100))});
   expect_one_tw_of_the_trace(r);
 }
 
@@ -320,8 +323,7 @@ TEST(TimeWaitAnalyzer, CookieSightingBeforeTheCloseIsRenamedBySweeps) {
   private_client_closes(r);
   Event ours = CookieSighting(ms(1000), false);
   ours.conn = kPrivateId;
-  r.run({CookieSighting(ms(11) + 50), PrivateClose(), ours, CookieGone(ms(1000)),
-         End(ms(1100))});
+  r.run({CookieSighting(ms(11) + 50), PrivateClose(), ours, CookieGone(ms(1000)), End(ms(1100))});
   expect_one_tw_of_the_trace(r);
 }
 
@@ -351,10 +353,13 @@ TEST(ResetAnalyzer, NoTimeWaitLateFinSentThenReceived) {
   ASSERT_EQ(sent.size(), 1u);
   EXPECT_EQ(sent[0].conn, 1u);
   EXPECT_EQ(sent[0].pid, kClientPid);
-  EXPECT_EQ(sent[0].fields,
-            (json{{"state", "NONE"}, {"reason", "NO_SOCKET"}, {"cause", "no_time_wait"},
-                  {"seg_flags", "FIN|ACK"}, {"seg_len", 0}, {"no_socket", true},
-                  {"since_close_ms", 500}}));
+  EXPECT_EQ(sent[0].fields, (json{{"state", "NONE"},
+                                  {"reason", "NO_SOCKET"},
+                                  {"cause", "no_time_wait"},
+                                  {"seg_flags", "FIN|ACK"},
+                                  {"seg_len", 0},
+                                  {"no_socket", true},
+                                  {"since_close_ms", 500}}));
   const auto received = r.sink.of("reset_received");
   ASSERT_EQ(received.size(), 1u);
   EXPECT_EQ(received[0].conn, 2u);
@@ -500,8 +505,8 @@ TEST(ResetAnalyzer, LateFinAfterExpiryTellsFinWait2TimeoutFromTimeWait) {
 TEST(ResetAnalyzer, ClosedConnectionWithoutTimeWaitDecisionFallsBackToReason) {
   Rig r(/*timers=*/false);  // nothing tells whether a tw sock was made
   client_closes(r);
-  r.run({Client(State(ms(11) + 200, 1, kTcpFinWait2, kTcpClose)), LateFinRst(ms(500)),
-         End(ms(600))});
+  r.run(
+      {Client(State(ms(11) + 200, 1, kTcpFinWait2, kTcpClose)), LateFinRst(ms(500)), End(ms(600))});
   const auto sent = r.sink.of("reset_sent");
   ASSERT_EQ(sent.size(), 1u);
   // The tw sock is believed open: the kernel's reason is all there is.
@@ -538,7 +543,7 @@ TEST(ResetAnalyzer, FullSocketCauses) {
       {kRstTcpState, kTcpFinWait2, 0, "fin_wait2_timeout"},
       {kRstAbortOnClose, kTcpClose, 10, "unread_data"},
       {kRstAbortOnData, kTcpClose, 0, "data_after_close"},
-      {0, kTcpClose, 10, "unread_data"},   // kernel < 6.10: no reason
+      {0, kTcpClose, 10, "unread_data"},  // kernel < 6.10: no reason
       {0, kTcpClose, 0, "linger_abort"},
       {12, kTcpClose, 0, "tcp_abort_on_linger"},
       {15, kTcpEstablished, 0, "tcp_keepalive_timeout"},
@@ -583,8 +588,7 @@ TEST(ResetAnalyzer, DataAfterCloseOnFullSocketIgnoresItsOwnReceiveResetTracepoin
   ASSERT_EQ(sent.size(), 1u);
   EXPECT_EQ(sent[0].fields.at("since_close_ms"), 290);
   const json rep = r.report();
-  EXPECT_EQ(rep.at("resets"),
-            counts(1, {{"data_after_close", 1}}, 1, {{"data_after_close", 1}}));
+  EXPECT_EQ(rep.at("resets"), counts(1, {{"data_after_close", 1}}, 1, {{"data_after_close", 1}}));
   json want = late_entry(300, "data_after_close", "TCP_ABORT_ON_DATA", "PSH|ACK", 5, 290,
                          server_peer("CLOSE_WAIT"));
   TimeFormatter tf(0);
@@ -648,8 +652,7 @@ TEST(ResetAnalyzer, LateFinListIsBounded) {
   EXPECT_EQ(rep.at("resets"), counts(kN, {{"no_time_wait", kN}}, 0, json::object(), 3));
   EXPECT_EQ(rep.at("late_fin_resets").size(), 1000u);
   const std::string text = r.text(2);
-  EXPECT_NE(text.find("Late FIN/data answered with RST: 1000 (+3 not listed)"),
-            std::string::npos)
+  EXPECT_NE(text.find("Late FIN/data answered with RST: 1000 (+3 not listed)"), std::string::npos)
       << text;
   // Two rows, then "...".
   EXPECT_NE(text.find("  ...\n"), std::string::npos) << text;

@@ -1,8 +1,8 @@
 // Builders of synthetic kernel events for the unit tests.
 #pragma once
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <memory>
@@ -58,8 +58,7 @@ class Ev {
     e_.old_state = state;
     return *this;
   }
-  Ev& owner(uint32_t pid, std::string_view comm,
-            uint8_t src = TCPSCOPE_OWNER_SYSCALL) {
+  Ev& owner(uint32_t pid, std::string_view comm, uint8_t src = TCPSCOPE_OWNER_SYSCALL) {
     e_.pid = pid;
     std::memset(e_.comm, 0, sizeof e_.comm);
     std::memcpy(e_.comm, comm.data(), std::min(comm.size(), sizeof e_.comm));
@@ -139,8 +138,7 @@ class Ev {
 inline Ev State(uint64_t ts, uint64_t conn, uint8_t old_state, uint8_t new_state) {
   return Ev(TCPSCOPE_EV_STATE, ts, conn).states(old_state, new_state);
 }
-inline Ev Retransmit(uint64_t ts, uint64_t conn, uint8_t state, uint8_t flags,
-                     uint32_t bytes) {
+inline Ev Retransmit(uint64_t ts, uint64_t conn, uint8_t state, uint8_t flags, uint32_t bytes) {
   return Ev(TCPSCOPE_EV_RETRANSMIT, ts, conn).in(state).tcp_flags(flags).seg_len(bytes);
 }
 inline Ev ResetSent(uint64_t ts, uint64_t conn, uint8_t state, uint32_t reason) {

@@ -76,13 +76,12 @@ TEST(Tracker, ActiveOpenActiveClose) {
   EXPECT_EQ(c.id, 101u);
   EXPECT_EQ(c.open_kind, OpenKind::Active);
   EXPECT_EQ(c.close_kind, CloseKind::ActiveClose);
-  EXPECT_EQ(history_states(c), (V8{kTcpClose, kTcpSynSent, kTcpEstablished, kTcpFinWait1,
-                                   kTcpFinWait2, kTcpClose}));
+  EXPECT_EQ(history_states(c),
+            (V8{kTcpClose, kTcpSynSent, kTcpEstablished, kTcpFinWait1, kTcpFinWait2, kTcpClose}));
   EXPECT_EQ(c.fin_wait1_ns, ms(1110));
   EXPECT_EQ(c.last_ack_ns, 0u);
   EXPECT_EQ(c.history_dropped, 0);
-  EXPECT_EQ(c.visited, bits({kTcpClose, kTcpSynSent, kTcpEstablished, kTcpFinWait1,
-                             kTcpFinWait2}));
+  EXPECT_EQ(c.visited, bits({kTcpClose, kTcpSynSent, kTcpEstablished, kTcpFinWait1, kTcpFinWait2}));
   EXPECT_EQ(c.state, kTcpClose);
   EXPECT_EQ(c.state_since_ns, ms(1113));
   EXPECT_EQ(c.first_ns, ms(100));
@@ -108,11 +107,12 @@ TEST(Tracker, PassiveOpenPassiveClose) {
   Recorder r;
   const VI prev = r.run({
       State(ms(5), 202, kTcpListen, kTcpSynRecv)
-          .lport(80).rport(51000).owner(7, "nginx", TCPSCOPE_OWNER_LISTENER),
+          .lport(80)
+          .rport(51000)
+          .owner(7, "nginx", TCPSCOPE_OWNER_LISTENER),
       State(ms(6), 202, kTcpSynRecv, kTcpEstablished).lport(80).rport(51000),
       State(ms(2006), 202, kTcpEstablished, kTcpCloseWait).lport(80).rport(51000),
-      State(ms(2010), 202, kTcpCloseWait, kTcpLastAck)
-          .lport(80).rport(51000).owner(8, "worker"),
+      State(ms(2010), 202, kTcpCloseWait, kTcpLastAck).lport(80).rport(51000).owner(8, "worker"),
       State(ms(2011), 202, kTcpLastAck, kTcpClose).lport(80).rport(51000),
   });
   EXPECT_EQ(prev, (VI{-1, int64_t(ms(1)), int64_t(ms(2000)), int64_t(ms(4)), int64_t(ms(1))}));
@@ -121,8 +121,8 @@ TEST(Tracker, PassiveOpenPassiveClose) {
   const Connection& c = r.ended[0];
   EXPECT_EQ(c.open_kind, OpenKind::Passive);
   EXPECT_EQ(c.close_kind, CloseKind::PassiveClose);
-  EXPECT_EQ(history_states(c), (V8{kTcpListen, kTcpSynRecv, kTcpEstablished, kTcpCloseWait,
-                                   kTcpLastAck, kTcpClose}));
+  EXPECT_EQ(history_states(c),
+            (V8{kTcpListen, kTcpSynRecv, kTcpEstablished, kTcpCloseWait, kTcpLastAck, kTcpClose}));
   EXPECT_EQ(c.fin_wait1_ns, 0u);
   EXPECT_EQ(c.last_ack_ns, ms(2010));
   EXPECT_EQ(c.close_from, kTcpLastAck);
@@ -164,15 +164,14 @@ TEST(Tracker, SimultaneousClose) {
 
 TEST(Tracker, ResetReceived) {
   Recorder r;
-  r.run({State(ms(1), 404, kTcpClose, kTcpSynSent),
-         State(ms(2), 404, kTcpSynSent, kTcpEstablished)});
+  r.run(
+      {State(ms(1), 404, kTcpClose, kTcpSynSent), State(ms(2), 404, kTcpSynSent, kTcpEstablished)});
   const Event rst = ResetReceived(ms(50), 404, kTcpEstablished);
   const Tracked t = r.apply(rst);
   ASSERT_NE(t.conn, nullptr);
   EXPECT_EQ(t.conn->id, 404u);
   EXPECT_EQ(t.prev_state_ns, -1);
-  EXPECT_EQ(r.apply(State(ms(50), 404, kTcpEstablished, kTcpClose)).prev_state_ns,
-            int64_t(ms(48)));
+  EXPECT_EQ(r.apply(State(ms(50), 404, kTcpEstablished, kTcpClose)).prev_state_ns, int64_t(ms(48)));
   r.tracker.finish(ms(60));
   ASSERT_EQ(r.ended.size(), 1u);
   const Connection& c = r.ended[0];
@@ -185,8 +184,7 @@ TEST(Tracker, ResetReceived) {
 
 TEST(Tracker, ConnectionRefusedIsResetReceived) {
   Recorder r;
-  r.run({State(ms(1), 405, kTcpClose, kTcpSynSent),
-         ResetReceived(ms(2), 405, kTcpSynSent),
+  r.run({State(ms(1), 405, kTcpClose, kTcpSynSent), ResetReceived(ms(2), 405, kTcpSynSent),
          State(ms(2), 405, kTcpSynSent, kTcpClose)});
   r.tracker.finish(ms(3));
   ASSERT_EQ(r.ended.size(), 1u);
@@ -209,7 +207,8 @@ TEST(Tracker, DataAfterCloseIsResetSent) {
   ASSERT_NE(r.tracker.find(505), nullptr);
   EXPECT_EQ(Tracker::classify_close(*r.tracker.find(505)), CloseKind::ResetReceived);
   r.apply(ResetSent(ms(20), 505, kTcpClose, kRstAbortOnData)
-              .tcp_flags(TCPSCOPE_TCP_PSH | TCPSCOPE_TCP_ACK).seg_len(5));
+              .tcp_flags(TCPSCOPE_TCP_PSH | TCPSCOPE_TCP_ACK)
+              .seg_len(5));
   EXPECT_EQ(Tracker::classify_close(*r.tracker.find(505)), CloseKind::ResetSent);
   r.tracker.finish(ms(30));
   ASSERT_EQ(r.ended.size(), 1u);
@@ -302,18 +301,16 @@ TEST(Tracker, TimewaitRecordOfAnOpenConnectionEndsItWithAGap) {
 // listeners are left alone.
 TEST(Tracker, TimewaitRecordJustBeforeTheCloseIsNoGap) {
   Recorder r;
-  r.run({State(ms(1), 640, kTcpClose, kTcpSynSent),
-         State(ms(2), 640, kTcpSynSent, kTcpEstablished),
+  r.run({State(ms(1), 640, kTcpClose, kTcpSynSent), State(ms(2), 640, kTcpSynSent, kTcpEstablished),
          State(ms(3), 640, kTcpEstablished, kTcpFinWait1),
-         State(ms(4), 640, kTcpFinWait1, kTcpFinWait2),
-         State(ms(5), 641, kTcpClose, kTcpListen)});
+         State(ms(4), 640, kTcpFinWait1, kTcpFinWait2), State(ms(5), 641, kTcpClose, kTcpListen)});
   auto gap = [&](uint8_t type, uint64_t ts, uint64_t conn) {
     return r.apply(Ev(type, ts, conn).states(kTcpTimeWait, kTcpTimeWait)).gap;
   };
   EXPECT_FALSE(gap(TCPSCOPE_EV_TW_START, ms(5), 640));
   EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(6), 640));
-  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(7), 641));  // a listener
-  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(8), 642));  // unknown
+  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(7), 641));      // a listener
+  EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(8), 642));      // unknown
   EXPECT_FALSE(gap(TCPSCOPE_EV_TW_START, ms(2000), 640));  // a start is armed before
   EXPECT_FALSE(gap(TCPSCOPE_EV_TW_SEEN, ms(3000), 640));   // a sweep may read it before
   EXPECT_FALSE(r.tracker.find(640)->is_closed());
@@ -328,16 +325,16 @@ TEST(Audit, FindsOnlySettledOpenConnectionsMissingFromThePass) {
   Recorder r;
   const uint64_t kPrivate = (1ull << 63) | 5;
   r.run({
-      State(ms(1), 701, kTcpClose, kTcpSynSent),                   // present
-      State(ms(2), 702, kTcpListen, kTcpSynRecv),                  // gone
+      State(ms(1), 701, kTcpClose, kTcpSynSent),   // present
+      State(ms(2), 702, kTcpListen, kTcpSynRecv),  // gone
       State(ms(3), 702, kTcpSynRecv, kTcpEstablished),
       State(ms(4), 703, kTcpClose, kTcpSynSent).netns(kNetns + 1),  // other netns
-      State(ms(5), kPrivate, kTcpClose, kTcpSynSent),              // not a cookie
-      State(ms(6), 704, kTcpClose, kTcpSynSent),                   // closed
+      State(ms(5), kPrivate, kTcpClose, kTcpSynSent),               // not a cookie
+      State(ms(6), 704, kTcpClose, kTcpSynSent),                    // closed
       State(ms(7), 704, kTcpSynSent, kTcpClose),
-      State(ms(8), 705, kTcpEstablished, kTcpCloseWait),           // gone
-      State(ms(900), 706, kTcpClose, kTcpSynSent),                 // too recent
-      ResetSent(ms(9), 707, kTcpNewSynRecv, kRstNoSocket),          // request sock
+      State(ms(8), 705, kTcpEstablished, kTcpCloseWait),    // gone
+      State(ms(900), 706, kTcpClose, kTcpSynSent),          // too recent
+      ResetSent(ms(9), 707, kTcpNewSynRecv, kRstNoSocket),  // request sock
   });
   const V64 present{701};
   std::vector<Event> out;
@@ -421,7 +418,7 @@ TEST(Tracker, TransitionFromAnotherStateIsAGap) {
   // ESTABLISHED -> CLOSE_WAIT was lost.
   EXPECT_TRUE(gap(State(ms(3), 620, kTcpCloseWait, kTcpLastAck)));
   EXPECT_FALSE(gap(State(ms(4), 620, kTcpLastAck, kTcpClose)));
-  EXPECT_FALSE(gap(State(ms(5), 620, kTcpClose, kTcpSynSent)));  // connect() again
+  EXPECT_FALSE(gap(State(ms(5), 620, kTcpClose, kTcpSynSent)));         // connect() again
   EXPECT_FALSE(gap(State(ms(6), 621, kTcpEstablished, kTcpFinWait1)));  // seen mid-life
   EXPECT_FALSE(gap(Retransmit(ms(7), 622, kTcpEstablished, 0x18, 100)));
   EXPECT_TRUE(gap(State(ms(8), 622, kTcpFinWait2, kTcpClose)));  // its FIN_WAIT1 lost
@@ -438,10 +435,10 @@ TEST(Tracker, FirstSeenMidLifeAfterTheSnapshotIsAGap) {
   EXPECT_FALSE(gap(State(ms(1), 640, kTcpEstablished, kTcpFinWait1)));  // predates us
   EXPECT_FALSE(gap(Ev(TCPSCOPE_EV_SNAPSHOT, ms(2), 641).states(kTcpEstablished, kTcpEstablished)));
   EXPECT_FALSE(gap(Ev(TCPSCOPE_EV_SNAPSHOT_END, ms(3), 0)));
-  EXPECT_FALSE(gap(State(ms(2), 642, kTcpSynSent, kTcpEstablished)));  // stamped before the end
+  EXPECT_FALSE(gap(State(ms(2), 642, kTcpSynSent, kTcpEstablished)));    // stamped before the end
   EXPECT_FALSE(gap(State(ms(4), 641, kTcpEstablished, kTcpCloseWait)));  // in the snapshot
   EXPECT_FALSE(gap(State(ms(5), 643, kTcpClose, kTcpSynSent)));
-  EXPECT_FALSE(gap(State(ms(6), 644, kTcpListen, kTcpSynRecv)));      // an accepted child
+  EXPECT_FALSE(gap(State(ms(6), 644, kTcpListen, kTcpSynRecv)));  // an accepted child
   EXPECT_FALSE(gap(State(ms(7), 645, kTcpNewSynRecv, kTcpSynRecv)));
   EXPECT_FALSE(gap(State(ms(8), 646, kTcpClose, kTcpListen)));
   EXPECT_TRUE(gap(State(ms(9), 647, kTcpSynSent, kTcpEstablished)));  // its CLOSE -> SYN_SENT lost
@@ -469,8 +466,8 @@ TEST(Tracker, RetransmitCountJumpIsAGap) {
   auto rtx = [](uint64_t ts, uint64_t conn, uint32_t total, uint32_t segs) {
     return Retransmit(ts, conn, kTcpEstablished, 0x18, 100).aux(uint64_t{segs} << 32 | total);
   };
-  r.run({State(ms(1), 630, kTcpClose, kTcpSynSent),
-         State(ms(2), 630, kTcpSynSent, kTcpEstablished)});
+  r.run(
+      {State(ms(1), 630, kTcpClose, kTcpSynSent), State(ms(2), 630, kTcpSynSent, kTcpEstablished)});
   EXPECT_FALSE(r.apply(rtx(ms(3), 630, 1, 1)).gap);
   EXPECT_FALSE(r.apply(rtx(ms(4), 630, 4, 3)).gap);  // a 3-segment skb
   EXPECT_TRUE(r.apply(rtx(ms(5), 630, 6, 1)).gap);   // total 5 was not seen
@@ -515,8 +512,7 @@ TEST(Tracker, FinWait2TimeoutAndTimewaitOverflowAreActiveClose) {
       // Normal TIME_WAIT.
       {709, kTcpFinWait2, TCPSCOPE_SK_RCV_SHUTDOWN | TCPSCOPE_SK_SEND_SHUTDOWN,
        CloseKind::ActiveClose},
-      {710, kTcpClosing, TCPSCOPE_SK_RCV_SHUTDOWN,
-       CloseKind::Simultaneous},
+      {710, kTcpClosing, TCPSCOPE_SK_RCV_SHUTDOWN, CloseKind::Simultaneous},
   };
   for (const Case& k : cases) {
     Recorder r;
@@ -571,8 +567,7 @@ TEST(Tracker, RetransmitsAreCountedNotTransitions) {
 
 TEST(Tracker, CookieReuseWithinGraceEndsFirstLifecycle) {
   Recorder r(TrackerLimits{.close_grace_ns = ms(1000)});
-  r.run({State(ms(10), 909, kTcpClose, kTcpSynSent),
-         State(ms(20), 909, kTcpSynSent, kTcpClose)});
+  r.run({State(ms(10), 909, kTcpClose, kTcpSynSent), State(ms(20), 909, kTcpSynSent, kTcpClose)});
   EXPECT_TRUE(r.ended.empty());
   const Tracked t = r.apply(State(ms(30), 909, kTcpClose, kTcpSynSent).lport(40001));
   ASSERT_EQ(r.ended.size(), 1u);
@@ -615,8 +610,7 @@ TEST(Tracker, CookieReuseWithinGraceEndsFirstLifecycle) {
 
 TEST(Tracker, CookieReuseStillOpenAtFinish) {
   Recorder r;
-  r.run({State(ms(10), 910, kTcpClose, kTcpSynSent),
-         State(ms(20), 910, kTcpSynSent, kTcpClose),
+  r.run({State(ms(10), 910, kTcpClose, kTcpSynSent), State(ms(20), 910, kTcpSynSent, kTcpClose),
          State(ms(30), 910, kTcpClose, kTcpSynSent),
          State(ms(40), 910, kTcpSynSent, kTcpEstablished),
          State(ms(5000), 2, kTcpClose, kTcpSynSent)});  // first grace long over
@@ -633,8 +627,7 @@ TEST(Tracker, CookieReuseStillOpenAtFinish) {
 
 TEST(Tracker, ReuseAfterGraceIsAFreshConnection) {
   Recorder r;
-  r.run({State(ms(10), 911, kTcpClose, kTcpSynSent),
-         State(ms(20), 911, kTcpSynSent, kTcpClose),
+  r.run({State(ms(10), 911, kTcpClose, kTcpSynSent), State(ms(20), 911, kTcpSynSent, kTcpClose),
          Lost(ms(1100), 3)});  // a LOST record advances event time too
   ASSERT_EQ(r.ended.size(), 1u);
   EXPECT_EQ(r.tracker.size(), 0u);
@@ -652,8 +645,7 @@ TEST(Tracker, CloseGraceIsExact) {
   TrackerLimits lim;
   lim.close_grace_ns = ms(500);
   Recorder r(lim);
-  r.run({State(ms(90), 11, kTcpClose, kTcpSynSent),
-         State(ms(100), 11, kTcpSynSent, kTcpClose),
+  r.run({State(ms(90), 11, kTcpClose, kTcpSynSent), State(ms(100), 11, kTcpSynSent, kTcpClose),
          State(ms(100), 12, kTcpClose, kTcpSynSent)});
   r.apply(State(ms(600), 12, kTcpSynSent, kTcpEstablished));  // == closed + grace
   EXPECT_TRUE(r.ended.empty());
@@ -688,10 +680,8 @@ TEST(Tracker, CloseGraceIsExact) {
 
 TEST(Tracker, FinishOrdersByStartThenId) {
   Recorder r;
-  r.run({State(ms(5), 50, kTcpClose, kTcpSynSent),
-         State(ms(5), 10, kTcpClose, kTcpSynSent),
-         State(ms(7), 1, kTcpClose, kTcpSynSent),
-         State(ms(6), 30, kTcpListen, kTcpSynRecv)});
+  r.run({State(ms(5), 50, kTcpClose, kTcpSynSent), State(ms(5), 10, kTcpClose, kTcpSynSent),
+         State(ms(7), 1, kTcpClose, kTcpSynSent), State(ms(6), 30, kTcpListen, kTcpSynRecv)});
   r.tracker.finish(ms(8));
   ASSERT_EQ(r.ended.size(), 4u);
   EXPECT_EQ(r.ended[0].id, 10u);
@@ -740,9 +730,9 @@ TEST(Tracker, FirstSeenAtCloseClassifiesByStateLeft) {
     CloseKind kind;
   };
   const Case cases[] = {
-      {kTcpFinWait1, CloseKind::ActiveClose},  {kTcpFinWait2, CloseKind::ActiveClose},
-      {kTcpClosing, CloseKind::Simultaneous},  {kTcpLastAck, CloseKind::PassiveClose},
-      {kTcpSynSent, CloseKind::Aborted},       {kTcpEstablished, CloseKind::Aborted},
+      {kTcpFinWait1, CloseKind::ActiveClose}, {kTcpFinWait2, CloseKind::ActiveClose},
+      {kTcpClosing, CloseKind::Simultaneous}, {kTcpLastAck, CloseKind::PassiveClose},
+      {kTcpSynSent, CloseKind::Aborted},      {kTcpEstablished, CloseKind::Aborted},
   };
   for (const Case& k : cases) {
     Recorder r;
@@ -808,8 +798,8 @@ TEST(Tracker, OwnerFromEventsWithPid) {
   EXPECT_EQ(comm_of(*c), "");
   EXPECT_EQ(c->owner_src, TCPSCOPE_OWNER_NONE);
 
-  r.apply(State(ms(2), 1300, kTcpSynRecv, kTcpEstablished)
-              .owner(7, "nginx", TCPSCOPE_OWNER_LISTENER));
+  r.apply(
+      State(ms(2), 1300, kTcpSynRecv, kTcpEstablished).owner(7, "nginx", TCPSCOPE_OWNER_LISTENER));
   EXPECT_EQ(c->pid, 7u);
   EXPECT_EQ(comm_of(*c), "nginx");
   EXPECT_EQ(c->owner_src, TCPSCOPE_OWNER_LISTENER);
@@ -837,8 +827,7 @@ TEST(Tracker, OwnerFromEventsWithPid) {
 // caller stays (as the table kept it), and I/O refines a listener's owner.
 TEST(Tracker, OwnerSentOnlyWhereLearntIsKept) {
   Recorder r;
-  r.apply(State(ms(1), 1310, kTcpListen, kTcpSynRecv)
-              .owner(7, "master", TCPSCOPE_OWNER_LISTENER));
+  r.apply(State(ms(1), 1310, kTcpListen, kTcpSynRecv).owner(7, "master", TCPSCOPE_OWNER_LISTENER));
   r.apply(State(ms(2), 1310, kTcpSynRecv, kTcpEstablished));
   const Connection* c = r.tracker.find(1310);
   ASSERT_NE(c, nullptr);
@@ -937,10 +926,10 @@ TEST(Tracker, EventsWithoutConnection) {
   // A LOST record's count lives in conn: it is not a connection id.
   EXPECT_EQ(r.apply(Lost(ms(2), 5)).conn, nullptr);
   // A tw-sock reset for a connection already forgotten.
-  EXPECT_EQ(r.apply(ResetSent(ms(3), 77, kTcpTimeWait, kRstTimewaitSocket)
-                        .sk_flags(TCPSCOPE_SK_TIMEWAIT))
-                .conn,
-            nullptr);
+  EXPECT_EQ(
+      r.apply(ResetSent(ms(3), 77, kTcpTimeWait, kRstTimewaitSocket).sk_flags(TCPSCOPE_SK_TIMEWAIT))
+          .conn,
+      nullptr);
   EXPECT_EQ(r.tracker.size(), 0u);
   EXPECT_EQ(r.tracker.find(5), nullptr);
   EXPECT_EQ(r.tracker.last_ns(), ms(3));
@@ -955,8 +944,8 @@ TEST(Tracker, TimewaitResetOfAKnownConnectionKeepsActiveClose) {
          State(ms(3), 1500, kTcpEstablished, kTcpFinWait1),
          State(ms(4), 1500, kTcpFinWait1, kTcpFinWait2),
          State(ms(5), 1500, kTcpFinWait2, kTcpClose)});
-  const Tracked t = r.apply(ResetSent(ms(6), 1500, kTcpTimeWait, kRstTimewaitSocket)
-                                .sk_flags(TCPSCOPE_SK_TIMEWAIT));
+  const Tracked t = r.apply(
+      ResetSent(ms(6), 1500, kTcpTimeWait, kRstTimewaitSocket).sk_flags(TCPSCOPE_SK_TIMEWAIT));
   ASSERT_NE(t.conn, nullptr);
   EXPECT_EQ(t.conn->resets_sent, 1u);
   r.tracker.finish(ms(7));
@@ -982,8 +971,7 @@ TEST(Tracker, CapEvictsTheOldestOpenConnection) {
   TrackerLimits lim;
   lim.max_connections = 2;
   Recorder r(lim);
-  r.run({State(ms(1), 1, kTcpClose, kTcpSynSent),
-         State(ms(2), 2, kTcpClose, kTcpSynSent),
+  r.run({State(ms(1), 1, kTcpClose, kTcpSynSent), State(ms(2), 2, kTcpClose, kTcpSynSent),
          State(ms(3), 3, kTcpClose, kTcpSynSent)});
   ASSERT_EQ(r.ended.size(), 1u);
   EXPECT_EQ(r.ended[0].id, 1u);
@@ -1005,10 +993,8 @@ TEST(Tracker, CapFinalisesClosedConnectionsFirst) {
   TrackerLimits lim;
   lim.max_connections = 2;
   Recorder r(lim);
-  r.run({State(ms(1), 1, kTcpClose, kTcpSynSent),
-         State(ms(2), 1, kTcpSynSent, kTcpClose),
-         State(ms(3), 2, kTcpClose, kTcpSynSent),
-         State(ms(4), 3, kTcpClose, kTcpSynSent)});
+  r.run({State(ms(1), 1, kTcpClose, kTcpSynSent), State(ms(2), 1, kTcpSynSent, kTcpClose),
+         State(ms(3), 2, kTcpClose, kTcpSynSent), State(ms(4), 3, kTcpClose, kTcpSynSent)});
   ASSERT_EQ(r.ended.size(), 1u);
   EXPECT_EQ(r.ended[0].id, 1u);
   EXPECT_EQ(r.ended[0].close_kind, CloseKind::Aborted);
@@ -1022,8 +1008,7 @@ TEST(Tracker, CapEvictsByStartOfTheCurrentLifecycle) {
   TrackerLimits lim;
   lim.max_connections = 2;
   Recorder r(lim);
-  r.run({State(ms(1), 1, kTcpClose, kTcpSynSent),
-         State(ms(2), 1, kTcpSynSent, kTcpClose),
+  r.run({State(ms(1), 1, kTcpClose, kTcpSynSent), State(ms(2), 1, kTcpSynSent, kTcpClose),
          State(ms(3), 2, kTcpClose, kTcpSynSent),
          State(ms(4), 1, kTcpClose, kTcpSynSent)});  // 1 starts again
   ASSERT_EQ(r.ended.size(), 1u);
@@ -1055,8 +1040,10 @@ TEST(Tracker, CapUnderChurnKeepsEveryLifecycleOnce) {
   for (const Connection& c : r.ended) {
     ASSERT_LE(c.id, 3000u);
     ++seen[c.id];
-    if (c.close_kind == CloseKind::Open) ++open;
-    else EXPECT_EQ(c.close_kind, CloseKind::Aborted);
+    if (c.close_kind == CloseKind::Open)
+      ++open;
+    else
+      EXPECT_EQ(c.close_kind, CloseKind::Aborted);
   }
   for (uint64_t i = 1; i <= 3000; ++i) EXPECT_EQ(seen[i], 1) << i;
   EXPECT_EQ(open, 2u);  // the last two never closed
