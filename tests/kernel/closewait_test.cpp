@@ -115,6 +115,17 @@ json notice_for(const Tracer& t, const std::string& type, uint16_t lport) {
   return json();
 }
 
+// Waits (up to 15 s) until the tracer has reported n stuck CLOSE_WAITs.
+bool reported_stuck(Tracer& tracer, int n) {
+  return tracer.wait_for(
+      [n](const std::vector<json>& lines) {
+        int stuck = 0;
+        for (const auto& l : lines) stuck += l.value("type", "") == "close_wait_stuck";
+        return stuck >= n;
+      },
+      15000ms);
+}
+
 std::vector<json> rows_for(const json& report, uint16_t lport) {
   std::vector<json> v;
   for (const auto& r : report["close_wait"])
@@ -176,14 +187,7 @@ TEST_F(CloseWaitTest, StuckSocketsNamePidAndFdsAsSsDoes) {
     EXPECT_EQ(ss_recv_q(*it), 1) << "ss counts the unread FIN";
   }
 
-  ASSERT_TRUE(tracer.wait_for(
-      [](const std::vector<json>& lines) {
-        int n = 0;
-        for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
-        return n >= kN;
-      },
-      15000ms))
-      << tracer.diagnostics();
+  ASSERT_TRUE(reported_stuck(tracer, kN)) << tracer.diagnostics();
   const std::string cmdline = cmdline_of(holder);
   ASSERT_FALSE(cmdline.empty());
   for (const Sock& s : socks) {
@@ -545,14 +549,7 @@ TEST_F(CloseWaitTest, RedisIdleTimeoutLeavesTheClientInCloseWait) {
     EXPECT_EQ(s.users[0].pid, client);
     EXPECT_EQ(ss_recv_q(s), 8) << "+PONG\\r\\n and the FIN: " << s.line;
   }
-  ASSERT_TRUE(tracer.wait_for(
-      [](const std::vector<json>& lines) {
-        int n = 0;
-        for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
-        return n >= kN;
-      },
-      15000ms))
-      << tracer.diagnostics();
+  ASSERT_TRUE(reported_stuck(tracer, kN)) << tracer.diagnostics();
   for (const Sock& s : socks) {
     const json n = notice_for(tracer, "close_wait_stuck", s.lport);
     ASSERT_TRUE(n.is_object()) << tracer.diagnostics();
