@@ -209,13 +209,20 @@ TEST_F(AuditTest, EndsTheRingDroppedAreReportedVanished) {
 // between reads: in one read, 25,000 tw socks took 20 ms.
 TEST_F(AuditTest, PassOverManyTimeWaitsReturnsInManyReads) {
   NetNs ns;
-  // Over 10,000 server-side TIME_WAITs (the server closes first).
-  const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", "1", "--clients", "4"}, 30000ms);
-  ASSERT_EQ(churn.status, 0) << churn.err;
+  // Over 10,000 server-side TIME_WAITs (the server closes first): a second
+  // of churn makes them on a host that runs at its usual rate, a slow one
+  // needs another.
   size_t tw = 0;
-  for (const auto& s : ss_sockets(ns))
-    if (s.state == "TIME-WAIT") ++tw;
-  ASSERT_GE(tw, 10000u) << churn.out;
+  std::string runs;
+  for (int i = 0; i < 5 && tw < 10000; ++i) {
+    const auto churn = ns.exec({TCPSCOPE_CHURN, "--seconds", "1", "--clients", "4"}, 30000ms);
+    ASSERT_EQ(churn.status, 0) << churn.err;
+    runs += churn.out;
+    tw = 0;
+    for (const auto& s : ss_sockets(ns))
+      if (s.state == "TIME-WAIT") ++tw;
+  }
+  ASSERT_GE(tw, 10000u) << runs;
 
   Tracer tracer;
   ASSERT_TRUE(tracer.start(ns, {"--audit-interval", "0.1", "-v"})) << tracer.diagnostics();
