@@ -157,12 +157,7 @@ TEST_F(AuditTest, EndsTheRingDroppedAreReportedVanished) {
   ASSERT_TRUE(wait_settled(ns)) << ns.exec({"ss", "-tan"}).out;
   // Audited after the burst (0.2 s passes), then stopped.
   ASSERT_TRUE(tracer.wait_for(
-      [&](const std::vector<json>& l) {
-        for (const auto& j : l)
-          if (j.value("type", "") == "vanished") return true;
-        return false;
-      },
-      5000ms))
+      [](const std::vector<json>& l) { return count_type(l, "vanished") >= 1; }, 5000ms))
       << tracer.diagnostics();
   std::this_thread::sleep_for(500ms);
   ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();

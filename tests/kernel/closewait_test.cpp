@@ -115,15 +115,11 @@ json notice_for(const Tracer& t, const std::string& type, uint16_t lport) {
   return json();
 }
 
-// Waits (up to 15 s) until the tracer has reported n stuck CLOSE_WAITs.
-bool reported_stuck(Tracer& tracer, int n) {
+// Waits until the tracer has reported n stuck CLOSE_WAITs.
+bool reported_stuck(Tracer& tracer, size_t n, Millis timeout = 15000ms) {
   return tracer.wait_for(
-      [n](const std::vector<json>& lines) {
-        int stuck = 0;
-        for (const auto& l : lines) stuck += l.value("type", "") == "close_wait_stuck";
-        return stuck >= n;
-      },
-      15000ms);
+      [n](const std::vector<json>& lines) { return count_type(lines, "close_wait_stuck") >= n; },
+      timeout);
 }
 
 std::vector<json> rows_for(const json& report, uint16_t lport) {
@@ -214,9 +210,7 @@ TEST_F(CloseWaitTest, StuckSocketsNamePidAndFdsAsSsDoes) {
   ASSERT_TRUE(ch.send("close"));
   ASSERT_EQ(ch.recv(), "closed");
   ASSERT_TRUE(tracer.wait_for([](const std::vector<json>& lines) {
-    int n = 0;
-    for (const auto& l : lines) n += l.value("type", "") == "close_wait_end";
-    return n >= kN;
+    return count_type(lines, "close_wait_end") >= kN;
   })) << tracer.diagnostics();
   for (const Sock& s : socks) {
     const json e = notice_for(tracer, "close_wait_end", s.lport);
@@ -276,14 +270,7 @@ TEST_F(CloseWaitTest, CloseWaitFromBeforeTheStartIsFound) {
 
   Tracer tracer;
   ASSERT_TRUE(tracer.start(ns, {"--close-wait-threshold", "1"})) << tracer.diagnostics();
-  ASSERT_TRUE(tracer.wait_for(
-      [](const std::vector<json>& lines) {
-        for (const auto& l : lines)
-          if (l.value("type", "") == "close_wait_stuck") return true;
-        return false;
-      },
-      10000ms))
-      << tracer.diagnostics();
+  ASSERT_TRUE(reported_stuck(tracer, 1, 10000ms)) << tracer.diagnostics();
   const auto upper_ms =
       std::chrono::duration_cast<Millis>(std::chrono::steady_clock::now() - closed_at).count();
   const json n = notice_for(tracer, "close_wait_stuck", socks[0].lport);
@@ -423,14 +410,7 @@ TEST_F(CloseWaitTest, ForkedChildAndFdPassingHoldersAreListed) {
       EXPECT_EQ(users, (std::vector<std::pair<pid_t, int>>{{child, fc}})) << s.line;
     }
   }
-  ASSERT_TRUE(tracer.wait_for(
-      [](const std::vector<json>& lines) {
-        int n = 0;
-        for (const auto& l : lines) n += l.value("type", "") == "close_wait_stuck";
-        return n >= 3;
-      },
-      15000ms))
-      << tracer.diagnostics();
+  ASSERT_TRUE(reported_stuck(tracer, 3)) << tracer.diagnostics();
 
   const json na = notice_for(tracer, "close_wait_stuck", pa);
   EXPECT_EQ(na["pid"], child) << na.dump();
@@ -479,14 +459,7 @@ TEST_F(CloseWaitTest, ClosedBeforeTheThresholdIsNotStuck) {
   ASSERT_TRUE(ch.send("close " + std::to_string(socks[0].lport)));  // in time
   ASSERT_EQ(ch.recv(), "closed");
   // The other one (the control) is reported: the detector works.
-  ASSERT_TRUE(tracer.wait_for(
-      [&](const std::vector<json>& lines) {
-        for (const auto& l : lines)
-          if (l.value("type", "") == "close_wait_stuck") return true;
-        return false;
-      },
-      15000ms))
-      << tracer.diagnostics();
+  ASSERT_TRUE(reported_stuck(tracer, 1)) << tracer.diagnostics();
   std::this_thread::sleep_for(500ms);  // past both crossings for sure
   ch.send("exit");
   EXPECT_EQ(ns.wait(holder), 0);

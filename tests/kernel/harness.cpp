@@ -152,6 +152,11 @@ uint64_t counted_losses() { return g_counted_losses.load(); }
 
 // ---- prerequisites ----------------------------------------------------------
 
+size_t count_type(const std::vector<json>& lines, const std::string& type) {
+  return static_cast<size_t>(std::count_if(
+      lines.begin(), lines.end(), [&](const json& l) { return l.value("type", "") == type; }));
+}
+
 bool in_ci() {
   const char* ci = std::getenv("CI");
   return ci && (std::strcmp(ci, "true") == 0 || std::strcmp(ci, "1") == 0);

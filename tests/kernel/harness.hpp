@@ -277,6 +277,9 @@ std::map<std::string, uint64_t> nstat(const NetNs& ns);
 
 // The real tcpscope binary as a child: stdout/stderr read by a thread, JSON
 // lines parsed as they come.
+// How many of these JSON lines (a Tracer's) have this "type".
+size_t count_type(const std::vector<json>& lines, const std::string& type);
+
 class Tracer {
  public:
   Tracer() = default;

@@ -42,10 +42,6 @@ TEST_F(TimeWaitSlowTest, RealExpiryAfterSixtySecondsBothModes) {
   ASSERT_TRUE(sweep.tracer.start(*sweep.ns, {"--no-tw-timers", "--tw-sweep-interval", "0.2"}))
       << sweep.tracer.diagnostics();
 
-  auto count = [](const std::vector<json>& l, const char* type) {
-    return std::count_if(l.begin(), l.end(),
-                         [&](const json& e) { return e.value("type", "") == type; });
-  };
   for (Side* s : {&timer, &sweep}) {
     ScopedNetns in(*s->ns);
     Fd lfd(listen_tcp(AF_INET, "127.0.0.1"));
@@ -67,14 +63,14 @@ TEST_F(TimeWaitSlowTest, RealExpiryAfterSixtySecondsBothModes) {
       return all.size() == 2 && tw.size() == 1 && tw[0].state == "TIME-WAIT";
     })) << s->ns->exec({"ss", "-tanoe"}).out;
     ASSERT_TRUE(s->tracer.wait_for(
-        [&](const std::vector<json>& l) { return count(l, "time_wait_enter") == 1; }, 5000ms))
+        [&](const std::vector<json>& l) { return count_type(l, "time_wait_enter") == 1; }, 5000ms))
         << s->tracer.diagnostics();
   }
 
   // Both expire about 60 s from now; wait for both (bounded).
   for (Side* s : {&timer, &sweep}) {
     ASSERT_TRUE(s->tracer.wait_for(
-        [&](const std::vector<json>& l) { return count(l, "time_wait_end") >= 1; },
+        [&](const std::vector<json>& l) { return count_type(l, "time_wait_end") >= 1; },
         std::chrono::milliseconds(kTimeWaitMs + kWheelSlackMs + 10000)))
         << s->tracer.diagnostics();
     EXPECT_TRUE(ss_time_wait(*s->ns).empty()) << "the kernel's tw sock is gone";

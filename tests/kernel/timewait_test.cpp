@@ -52,11 +52,6 @@ const char* mode_name(Mode m) { return timers(m) ? "timer" : "sweep"; }
 
 constexpr const char* kAddr = "127.0.0.1";
 
-size_t count_type(const std::vector<json>& lines, const std::string& type) {
-  return static_cast<size_t>(std::count_if(
-      lines.begin(), lines.end(), [&](const json& l) { return l.value("type", "") == type; }));
-}
-
 using Tuple = std::pair<uint16_t, uint16_t>;  // (lport, rport)
 
 std::set<Tuple> tuples_of(const std::vector<json>& events) {
