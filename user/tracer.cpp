@@ -287,8 +287,8 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
   auto ring = RingReader::open(bpf_map__fd(s->maps.events), bpf_map__max_entries(s->maps.events));
   if (!ring) return Error{"cannot set up the ring buffer consumer: " + ring.error().message};
   t->ring_ = std::move(ring.value());
-  t->wakeup_batch_bytes_ = uint64_t{s->rodata->cfg_wakeup_every} * kRingRecordBytes *
-                           static_cast<uint64_t>(std::max(1, libbpf_num_possible_cpus()));
+  t->wakeup_batch_bytes_ =
+      uint64_t{s->rodata->cfg_wakeup_every} * kRingRecordBytes * static_cast<uint64_t>(t->ncpus_);
   return t;
 }
 
