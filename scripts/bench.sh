@@ -154,7 +154,7 @@ run_one() {
 	local unanswered
 	unanswered=$(echo "$line" | awk '{print $10}')
 	if [[ -n $unanswered && $unanswered != 0 ]]; then
-		echo "round $round $mode: churn gave up on $unanswered connection(s) after 2 s without the server's FIN" \
+		echo "round $round $mode: churn gave up on $unanswered connection(s) the server never answered (its unanswered count)" \
 			>>"$OUT/workload"
 	fi
 	stop_tracer
