@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <functional>
+#include <memory>
 
 #include <fmt/format.h>
 
@@ -38,9 +39,12 @@ class FdWriter {
   int error_ = 0;
 };
 
+class IdentityTextCache;
+
 class JsonLinesSink final : public Sink {
  public:
-  JsonLinesSink(FdWriter& out, TimeFormatter& time) : out_(out), time_(time) {}
+  JsonLinesSink(FdWriter& out, TimeFormatter& time);
+  ~JsonLinesSink() override;
 
   // {"type":"start","time":...,<members>}
   void write_start(uint64_t ts_ns, const std::function<void(JsonWriter&)>& members);
@@ -53,12 +57,13 @@ class JsonLinesSink final : public Sink {
  private:
   FdWriter& out_;
   TimeFormatter& time_;
+  std::unique_ptr<IdentityTextCache> ids_;
 };
 
 class TableSink final : public Sink {
  public:
-  TableSink(FdWriter& out, TimeFormatter& time, TextStyle style = {})
-      : out_(out), time_(time), style_(style) {}
+  TableSink(FdWriter& out, TimeFormatter& time, TextStyle style = {});
+  ~TableSink() override;
 
   void write_header();
   void on_event(const Tracked& t) override;
@@ -70,6 +75,7 @@ class TableSink final : public Sink {
   FdWriter& out_;
   TimeFormatter& time_;
   TextStyle style_;
+  std::unique_ptr<IdentityTextCache> ids_;
 };
 
 // The figures of a STATS record (tcpscope's own overhead).

@@ -7,6 +7,7 @@
 #include <ctime>
 #include <limits>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -616,6 +617,122 @@ TEST(Sinks, VanishedLine) {
   EXPECT_EQ(split_lines(sink_text<TableSink>({st, gone})).at(1),
             "00:00:03.500 42      srv             10.0.0.1:40000        10.0.0.2:80           "
             "VANISHED in FIN_WAIT1: gone from the socket table, its end was lost");
+}
+
+// Lines name a connection as it is now, though a connection's identity is
+// mostly the same from line to line (the sinks keep its text): the local
+// port set at connect, the owner refined by a worker's first I/O; 3,000
+// connections, in groups of up to 700 interleaved, share the sinks' room
+// for it.
+struct IdentityChurn {
+  struct Want {
+    uint16_t lport, rport;
+    uint32_t pid;
+    std::string comm;
+  };
+  std::vector<Event> events;
+  std::vector<Want> want;  // per public line, in order
+
+  IdentityChurn() {
+    constexpr uint64_t kConns = 3000, kActive = 1500;
+    auto comm_of = [](uint64_t c) { return "c" + std::to_string(c % 7); };
+    // The worker: another process of the same name (odd), or the same
+    // process under a new name after exec (even).
+    auto worker_pid = [](uint64_t c) {
+      return static_cast<uint32_t>(c % 2 ? 5000 + c : 100 + c % 11);
+    };
+    auto worker_of = [&](uint64_t c) { return c % 2 ? comm_of(c) : "w" + std::to_string(c % 5); };
+    uint64_t t = ms(1);
+    // In groups, each group's three rounds before the next group: lines of
+    // one connection in a row, or far apart.
+    constexpr uint64_t kGroups[] = {1, 3, 50, 700};
+    for (uint64_t first = 1, g = 0; first <= kConns; first += kGroups[g++ % 4]) {
+      const uint64_t last = std::min(kConns, first + kGroups[g % 4] - 1);
+      for (int round = 0; round < 3; ++round) {
+        for (uint64_t c = first; c <= last; ++c) {
+          const auto rport = static_cast<uint16_t>(1000 + c);
+          const auto pid = static_cast<uint32_t>(100 + c % 11);
+          const auto lport = static_cast<uint16_t>(20000 + c);
+          if (c <= kActive) {  // connect(): no local port yet, then one
+            const uint8_t from[] = {kTcpClose, kTcpSynSent, kTcpEstablished};
+            const uint8_t to[] = {kTcpSynSent, kTcpEstablished, kTcpFinWait1};
+            const uint16_t port = round == 0 ? 0 : lport;
+            add(State(t++, c, from[round], to[round])
+                    .lport(port)
+                    .rport(rport)
+                    .owner(pid, comm_of(c)),
+                {port, rport, pid, comm_of(c)});
+          } else if (round == 0) {  // accepted: the listener's owner
+            add(State(t++, c, kTcpListen, kTcpSynRecv)
+                    .lport(80)
+                    .rport(rport)
+                    .owner(pid, comm_of(c), TCPSCOPE_OWNER_LISTENER),
+                {80, rport, pid, comm_of(c)});
+          } else if (round == 1) {  // a worker's first I/O (no line of its own)
+            events.push_back(Owner(t++, c, kTcpSynRecv, worker_pid(c), worker_of(c))
+                                 .lport(80)
+                                 .rport(rport)
+                                 .get());
+            events.back().owner_src = TCPSCOPE_OWNER_IO;
+            add(State(t++, c, kTcpSynRecv, kTcpEstablished).lport(80).rport(rport),
+                {80, rport, worker_pid(c), worker_of(c)});
+          } else {
+            add(State(t++, c, kTcpEstablished, kTcpCloseWait).lport(80).rport(rport),
+                {80, rport, worker_pid(c), worker_of(c)});
+          }
+        }
+      }
+    }
+  }
+  void add(const Event& e, Want w) {
+    events.push_back(e);
+    want.push_back(std::move(w));
+  }
+};
+
+std::string sink_output(bool json, const std::vector<Event>& events) {
+  MemFile f;
+  {
+    FdWriter out(f.fd());
+    TimeFormatter time(0);
+    JsonLinesSink js(out, time);
+    TableSink table(out, time);
+    Pipeline p;
+    p.add_sink(json ? static_cast<Sink*>(&js) : &table);
+    for (const Event& e : events) p.process(e);
+    out.flush();
+  }
+  return f.contents();
+}
+
+TEST(JsonLinesSink, IdentityFollowsTheConnection) {
+  const IdentityChurn churn;
+  const auto lines = split_lines(sink_output(true, churn.events));
+  ASSERT_EQ(lines.size(), churn.want.size());
+  for (size_t i = 0; i < lines.size(); ++i) {
+    const json j = json::parse(lines[i]);
+    const auto& w = churn.want[i];
+    ASSERT_EQ(j["lport"], w.lport) << lines[i];
+    ASSERT_EQ(j["pid"], w.pid) << lines[i];
+    ASSERT_EQ(j["comm"], w.comm) << lines[i];
+    ASSERT_EQ(j["rport"], w.rport) << lines[i];
+  }
+}
+
+TEST(TableSink, IdentityFollowsTheConnection) {
+  const IdentityChurn churn;
+  const auto lines = split_lines(sink_output(false, churn.events));
+  ASSERT_EQ(lines.size(), churn.want.size());
+  for (size_t i = 0; i < lines.size(); ++i) {
+    const auto& w = churn.want[i];
+    std::istringstream row(lines[i]);
+    std::string time, pid, comm, local, remote;
+    row >> time >> pid >> comm >> local >> remote;
+    ASSERT_EQ(pid, std::to_string(w.pid)) << lines[i];
+    ASSERT_EQ(comm, w.comm) << lines[i];
+    ASSERT_EQ(local, "10.0.0.1:" + std::to_string(w.lport)) << lines[i];
+    ASSERT_EQ(remote, "10.0.0.2:" + std::to_string(w.rport)) << lines[i];
+  }
 }
 
 TEST(Sinks, EndRecordWritesNoLine) {
