@@ -144,13 +144,27 @@ stop_tracer() {
 	st="$cpu $hwm ${lost:--} ${bpf:--} ${fill:--} ${late:--}"
 }
 
+# The tracer's CPU time so far (user+sys), in clock ticks.
+tracer_ticks() {
+	sed 's/.*) //' "/proc/$tracer_pid/stat" | awk '{print $12 + $13}'
+}
+
 run_one() {
 	local mode=$1 round=$2
 	make_netns
 	start_tracer "$mode"
-	local line rate
+	local line rate conns t0 t1 per_conn=-
+	[[ -n $tracer_pid ]] && t0=$(tracer_ticks)
 	line=$(ip netns exec "$ns" "$churn" --seconds "$SECS" --clients "$CLIENTS" --servers "$SERVERS")
 	rate=$(echo "$line" | awk '{print $6}')
+	conns=$(echo "$line" | awk '{print $2}')
+	# What the tracer spent while the churn ran (not its start-up), per
+	# connection: steadier than the throughput on a noisy host.
+	if [[ -n $tracer_pid ]]; then
+		t1=$(tracer_ticks)
+		per_conn=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$conns" \
+			'BEGIN {printf "%.2f", (n > 0 ? d / hz / n * 1e6 : 0)}')
+	fi
 	local unanswered
 	unanswered=$(echo "$line" | awk '{print $10}')
 	if [[ -n $unanswered && $unanswered != 0 ]]; then
@@ -158,7 +172,7 @@ run_one() {
 			>>"$OUT/workload"
 	fi
 	stop_tracer
-	printf '%s\t%s\t%s\t%s\n' "$round" "$mode" "$rate" "${st// /$'\t'}" >>"$results"
+	printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$rate" "${st// /$'\t'}" "$per_conn" >>"$results"
 	# What tcpscope said of events it lost (how full its ring got, and
 	# after how long unread; which programs' runs the kernel skipped).
 	local lost_now
@@ -166,7 +180,8 @@ run_one() {
 	if [[ $lost_now != - && $lost_now != 0 ]]; then
 		grep -h 'warning' "$OUT/stats" | sed "s/^/round $round $mode: /" >>"$OUT/warnings" || true
 	fi
-	printf 'round %s %-20s %8s conn/s  cpu_s/rss_kib/lost/bpf_ns/ring%%/late_wk %s\n' "$round" "$mode" "$rate" "$st" >&2
+	printf 'round %s %-20s %8s conn/s  cpu_s/rss_kib/lost/bpf_ns/ring%%/late_wk/cpu_us_per_conn %s %s\n' \
+		"$round" "$mode" "$rate" "$st" "$per_conn" >&2
 	ip netns del "$ns"
 }
 
@@ -190,26 +205,28 @@ awk -F'\t' '
 	  if ($6 != "-") lost[$2] += $6; else lost[$2] = lost[$2] ""
 	  bpf[$2, n[$2]] = $7; if ($8 != "-" && (!(($2) in fill) || $8 > fill[$2])) fill[$2] = $8
 	  if ($9 != "-") late[$2] += $9
+	  pc[$2, n[$2]] = $10
 	  if (!($2 in seen)) { seen[$2] = 1; order[++m] = $2 } }
 	END {
 		for (i = 1; i <= m; ++i) for (k = 1; k <= n[order[i]]; ++k) if (order[i] == "none") b[++nb] = rate["none", k]
 		bm = nb ? median(b, nb) : 0
-		printf "%-20s %10s %8s %10s %10s %8s %9s %8s %12s %7s %7s\n", "mode", "conn/s", "ratio", "ratio/rnd", "rnd_range", "lost", "cpu_s", "rss_MiB", "bpf_ns/ev", "ring%", "late_wk"
+		printf "%-20s %10s %8s %10s %10s %8s %9s %12s %8s %12s %7s %7s\n", "mode", "conn/s", "ratio", "ratio/rnd", "rnd_range", "lost", "cpu_s", "cpu_us/conn", "rss_MiB", "bpf_ns/ev", "ring%", "late_wk"
 		for (i = 1; i <= m; ++i) {
 			mo = order[i]; c = n[mo]
-			delete r; delete q; delete cp; delete rs; delete bp; nq = 0; nbp = 0
+			delete r; delete q; delete cp; delete rs; delete bp; delete pcs; nq = 0; nbp = 0
 			for (k = 1; k <= c; ++k) {
-				r[k] = rate[mo, k]; cp[k] = cpu[mo, k]; rs[k] = rss[mo, k]
+				r[k] = rate[mo, k]; cp[k] = cpu[mo, k]; rs[k] = rss[mo, k]; pcs[k] = pc[mo, k]
 				if (base[round[mo, k]] > 0) q[++nq] = rate[mo, k] / base[round[mo, k]]
 				if (bpf[mo, k] != "-") bp[++nbp] = bpf[mo, k]
 			}
 			med = median(r, c)
 			# median() sorts: q[1] and q[nq] are the lowest and highest.
 			qm = nq ? sprintf("%.3f", median(q, nq)) : "-"
-			printf "%-20s %10.0f %8s %10s %10s %8s %9s %8s %12s %7s %7s\n", mo, med,
+			printf "%-20s %10.0f %8s %10s %10s %8s %9s %12s %8s %12s %7s %7s\n", mo, med,
 				bm ? sprintf("%.3f", med / bm) : "-", qm,
 				nq ? sprintf("%.2f-%.2f", q[1], q[nq]) : "-",
 				lost[mo] == "" ? "-" : lost[mo], cp[1] == "-" ? "-" : sprintf("%.2f", median(cp, c)),
+				pcs[1] == "-" ? "-" : sprintf("%.2f", median(pcs, c)),
 				rs[1] == "-" ? "-" : sprintf("%.1f", median(rs, c) / 1024),
 				nbp ? sprintf("%.0f", median(bp, nbp)) : "-", (mo in fill) ? fill[mo] : "-",
 				(mo in late) ? late[mo] : "-"
@@ -218,7 +235,8 @@ awk -F'\t' '
 echo "ratio: median conn/s over the median with no tracer; ratio/rnd: median of each"
 echo "run over the no-tracer run of its round (rnd_range: the lowest and highest of"
 echo "those); lost: events tcpscope lost, all runs;"
-echo "cpu_s: the tracer's CPU time (user+sys) per run; rss: its peak RSS;"
+echo "cpu_s: the tracer's CPU time (user+sys) per run; cpu_us/conn: what it spent"
+echo "while the churn ran, per connection made; rss: its peak RSS;"
 echo "bpf_ns/ev: tcpscope's BPF run time per event delivered (kernel.bpf_stats);"
 echo "ring%: the fullest tcpscope found its ring buffer, all runs (100: records lost);"
 echo "late_wk: its waits in which more than two wake-up batches came in, all runs."
