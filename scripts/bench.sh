@@ -119,19 +119,23 @@ start_tracer() {
 	fi
 }
 
+# The tracer's CPU time so far (user+sys), in clock ticks.
+tracer_ticks() {
+	sed 's/.*) //' "/proc/$tracer_pid/stat" | awk '{print $12 + $13}'
+}
+
 # Stops it; sets st="cpu_s rss_kib lost bpf_ns_per_event ring_peak_fill_pct
 # ring_late_wakeups"
 # (not in a subshell: wait needs the tracer to be our child).
 stop_tracer() {
 	st="- - - - - -"
 	[[ -z $tracer_pid ]] && return
-	local stat hwm ticks
-	stat=$(cat "/proc/$tracer_pid/stat")
+	local hwm ticks
+	ticks=$(tracer_ticks)
 	hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$tracer_pid/status")
 	kill -INT "$tracer_pid"
 	wait "$tracer_pid" || true
 	tracer_pid=
-	ticks=$(echo "$stat" | sed 's/.*) //' | awk '{print $12 + $13}')
 	local cpu lost bpf fill sampled late
 	cpu=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}')
 	lost=$(sed -n 's/.* lost \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
@@ -142,11 +146,6 @@ stop_tracer() {
 	fill=$(sed -n 's/.* ring_peak_fill_pct \([0-9.]*\).*/\1/p' "$OUT/stats" | tail -1)
 	late=$(sed -n 's/.* ring_late_wakeups \([0-9]*\).*/\1/p' "$OUT/stats" | tail -1)
 	st="$cpu $hwm ${lost:--} ${bpf:--} ${fill:--} ${late:--}"
-}
-
-# The tracer's CPU time so far (user+sys), in clock ticks.
-tracer_ticks() {
-	sed 's/.*) //' "/proc/$tracer_pid/stat" | awk '{print $12 + $13}'
 }
 
 run_one() {
