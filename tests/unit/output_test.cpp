@@ -38,8 +38,8 @@ using Keys = std::vector<std::string>;
 // ---- JsonWriter ------------------------------------------------------------------
 
 // What a sink of type Sink writes for these events (no finish(): no report).
-template <typename Sink>
-std::string sink_text(std::initializer_list<Event> events) {
+template <typename Sink, typename Events>
+std::string sink_text(const Events& events) {
   MemFile f;
   {
     FdWriter out(f.fd());
@@ -51,6 +51,10 @@ std::string sink_text(std::initializer_list<Event> events) {
     sink.flush();
   }
   return f.contents();
+}
+template <typename Sink>
+std::string sink_text(std::initializer_list<Event> events) {
+  return sink_text<Sink, std::initializer_list<Event>>(events);
 }
 
 TEST(JsonWriter, CommasAndNesting) {
@@ -690,24 +694,9 @@ struct IdentityChurn {
   }
 };
 
-std::string sink_output(bool json, const std::vector<Event>& events) {
-  MemFile f;
-  {
-    FdWriter out(f.fd());
-    TimeFormatter time(0);
-    JsonLinesSink js(out, time);
-    TableSink table(out, time);
-    Pipeline p;
-    p.add_sink(json ? static_cast<Sink*>(&js) : &table);
-    for (const Event& e : events) p.process(e);
-    out.flush();
-  }
-  return f.contents();
-}
-
 TEST(JsonLinesSink, IdentityFollowsTheConnection) {
   const IdentityChurn churn;
-  const auto lines = split_lines(sink_output(true, churn.events));
+  const auto lines = split_lines(sink_text<JsonLinesSink>(churn.events));
   ASSERT_EQ(lines.size(), churn.want.size());
   for (size_t i = 0; i < lines.size(); ++i) {
     const json j = json::parse(lines[i]);
@@ -721,7 +710,7 @@ TEST(JsonLinesSink, IdentityFollowsTheConnection) {
 
 TEST(TableSink, IdentityFollowsTheConnection) {
   const IdentityChurn churn;
-  const auto lines = split_lines(sink_output(false, churn.events));
+  const auto lines = split_lines(sink_text<TableSink>(churn.events));
   ASSERT_EQ(lines.size(), churn.want.size());
   for (size_t i = 0; i < lines.size(); ++i) {
     const auto& w = churn.want[i];
