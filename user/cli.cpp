@@ -1,6 +1,9 @@
 #include "cli.hpp"
 
+#include <fmt/format.h>
+
 #include <CLI/CLI.hpp>
+#include <cmath>
 
 namespace tcpscope {
 
@@ -40,6 +43,29 @@ std::optional<uint64_t> parse_size(const std::string& s) {
   return v * mult;
 }
 
+// A finite number of seconds from lo to hi. CLI11's own number checks let
+// "nan" through (a --duration that never ends) and print their bounds with
+// six decimals, up to DBL_MAX.
+CLI::Validator seconds_from(double lo, double hi) {
+  return CLI::Validator(
+      [lo, hi](std::string& s) -> std::string {
+        double v = 0;
+        size_t used = 0;
+        try {
+          v = std::stod(s, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (used == 0 || used != s.size() || !std::isfinite(v) || v < lo || v > hi)
+          return fmt::format("'{}' is not a number of seconds from {} to {}", s, lo, hi);
+        return {};
+      },
+      "SECONDS");
+}
+
+// Durations are turned into uint64_t nanoseconds: 1e9 s (31 years) fits.
+constexpr double kMaxSeconds = 1e9;
+
 std::string first_line(const std::string& s) {
   const auto nl = s.find('\n');
   return nl == std::string::npos ? s : s.substr(0, nl);
@@ -62,7 +88,7 @@ Result<Options> parse_command_line(int argc, char** argv) {
 
   app.add_flag("--json", o.json, "Print JSON Lines instead of the table");
   app.add_option("--duration", o.duration_s, "Stop after SECONDS and print the report")
-      ->check(CLI::NonNegativeNumber);
+      ->check(seconds_from(0, kMaxSeconds));
   app.add_option("--netns", netns,
                  "Only this network namespace: /run/netns/NAME, "
                  "/proc/PID/ns/net or an inode number");
@@ -97,7 +123,7 @@ Result<Options> parse_command_line(int argc, char** argv) {
                  "Seconds between TIME_WAIT sweeps (iter/tcp); bound the error of TIME_WAIT "
                  "end times without the tw timers; 0 = no sweeps (default 1, or 10 with the "
                  "tw timers)")
-      ->check(CLI::Range(0.0, 3600.0));
+      ->check(seconds_from(0, 3600));
   double audit_s = 5;
   app.add_option("--audit-interval", audit_s,
                  "Seconds between audits of the connections held open against the kernel's "
@@ -105,7 +131,7 @@ Result<Options> parse_command_line(int argc, char** argv) {
                  "CLOSE is reported as vanished, its last events lost. 0 = off (default 5, "
                  "longer if a pass would cost over 1% of a CPU; needs a live report: trace, or "
                  "record --json)")
-      ->check(CLI::Range(0.0, 3600.0));
+      ->check(seconds_from(0, 3600));
   bool no_tw_timers = false;
   app.add_flag("--no-tw-timers", no_tw_timers,
                "Do not trace timewait timers (saves a probe per kernel timer start; TIME_WAIT "
@@ -114,7 +140,7 @@ Result<Options> parse_command_line(int argc, char** argv) {
   app.add_option("--close-wait-threshold", close_wait_s,
                  "Seconds in CLOSE_WAIT after which a socket counts as stuck "
                  "(close_wait_stuck, holders resolved); default 60")
-      ->check(CLI::Range(0.001, 1e6));
+      ->check(seconds_from(0.001, 1e6));
   app.add_flag("--stats", o.trace.print_stats,
                "At exit, print tcpscope's own overhead (events, lost, BPF ns per event, CPU "
                "time, peak RSS) as one line on stderr");
@@ -162,12 +188,12 @@ Result<Options> parse_command_line(int argc, char** argv) {
   auto* t_delay = record_cmd
                       ->add_option("--trigger-delay", r.trigger_delay_s,
                                    "Seconds to keep recording after a trigger (default 1)")
-                      ->check(CLI::NonNegativeNumber);
+                      ->check(seconds_from(0, kMaxSeconds));
   auto* t_cool = record_cmd
                      ->add_option("--trigger-cooldown", r.trigger_cooldown_s,
                                   "Seconds after a dump during which triggers are "
                                   "ignored (default 60)")
-                     ->check(CLI::NonNegativeNumber);
+                     ->check(seconds_from(0, kMaxSeconds));
 
   auto* report_cmd = app.add_subcommand(
       "report", "Print the reports of a capture (no BPF, no root needed); --json, --top apply");

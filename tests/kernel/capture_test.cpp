@@ -351,6 +351,19 @@ TEST_F(CaptureKernel, UsageAndCorruptCaptureErrors) {
   r = run_cmd({tcpscope_binary(), "--audit-interval", "0.05"});
   EXPECT_EQ(r.status, 2);
   EXPECT_EQ(r.err, "tcpscope: --audit-interval: use 0 (off) or at least 0.1 s\n");
+  // "nan" is a double to strtod: it once made a --duration that never ended.
+  for (const char* bad : {"nan", "inf", "-1", "2x", "1e400"}) {
+    r = run_cmd({tcpscope_binary(), "--duration", bad});
+    EXPECT_EQ(r.status, 2) << bad;
+    EXPECT_EQ(r.err,
+              std::string("tcpscope: --duration: '") + bad +
+                  "' is not a number of seconds from 0 to 1000000000 (see tcpscope --help)\n");
+  }
+  r = run_cmd(
+      {tcpscope_binary(), "record", "-o", dir.file("x"), "--ring", "1M", "--trigger-delay", "nan"});
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("--trigger-delay: 'nan' is not a number of seconds"), std::string::npos)
+      << r.err;
   r = run_cmd({tcpscope_binary(), "report", dir.file("missing")});
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("No such file"), std::string::npos) << r.err;
