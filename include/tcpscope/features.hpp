@@ -16,6 +16,13 @@ const char* attach_mode_name(AttachMode m);
 
 class KernelFeatures {
  public:
+  KernelFeatures() = default;
+  KernelFeatures(const KernelFeatures&) = delete;
+  KernelFeatures& operator=(const KernelFeatures&) = delete;
+  // Unmounts tracefs if the tracepoint probe mounted it: the host is left
+  // as it was found.
+  ~KernelFeatures();
+
   // Names accepted by disable(): the keys of table().
   static const std::vector<std::string>& names();
 
@@ -55,6 +62,7 @@ class KernelFeatures {
   std::set<std::string> disabled_;
   std::map<std::string, bool> cache_;
   std::map<std::string, bool> btf_tp_cache_;
+  bool mounted_tracefs_ = false;
 };
 
 }  // namespace tcpscope

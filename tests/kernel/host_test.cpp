@@ -1,0 +1,48 @@
+// tcpscope leaves the host as it found it: classic tracepoints need tracefs,
+// which tcpscope mounts when it is not mounted, and unmounts at its exit.
+// Each case runs in a private mount namespace (unshare -m), so the host's own
+// mounts are never touched.
+#include "harness.hpp"
+
+namespace ktest {
+namespace {
+
+class HostTest : public KernelTest {};
+
+// Runs `script` (sh) in a private mount namespace where tracefs starts
+// unmounted; $T is the tcpscope binary, $M counts the tracefs mounts.
+CmdResult in_private_mounts(const std::string& script) {
+  const std::string prelude =
+      "umount -q /sys/kernel/tracing 2>/dev/null; umount -q /sys/kernel/debug/tracing 2>/dev/null;"
+      "M() { grep -c ' tracefs ' /proc/self/mounts; }; T='" +
+      std::string(tcpscope_binary()) + "'; ";
+  return run_cmd({"unshare", "-m", "--propagation", "private", "sh", "-c", prelude + script},
+                 30000ms);
+}
+
+TEST_F(HostTest, TracefsMountedForClassicTracepointsIsUnmountedAtExit) {
+  // --info probes classic tracepoints: it mounts tracefs to look.
+  CmdResult r = in_private_mounts(
+      "echo before $(M); \"$T\" --info | grep -E '^ +tracepoint '; echo after $(M)");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("before 0\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("tracepoint       yes"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("after 0\n"), std::string::npos) << r.out;
+
+  // A trace through classic tracepoints needs it until it has attached.
+  r = in_private_mounts(
+      "\"$T\" --attach tracepoint --json --duration 0.3 | grep -c '\"attach\":\"tracepoint\"'; "
+      "echo after $(M)");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "1\nafter 0\n") << r.err;
+
+  // Mounted by someone else: left mounted.
+  r = in_private_mounts(
+      "mount -t tracefs tracefs /sys/kernel/tracing && "
+      "\"$T\" --attach tracepoint --duration 0.3 >/dev/null && echo after $(M)");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "after 1\n") << r.err;
+}
+
+}  // namespace
+}  // namespace ktest
