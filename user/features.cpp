@@ -2,7 +2,7 @@
 
 #include <bpf/btf.h>
 #include <bpf/libbpf.h>
-#include <spdlog/spdlog.h>
+#include <sched.h>
 #include <sys/mount.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -136,17 +136,15 @@ bool KernelFeatures::probe_tracepoint() {
   if (access(events.c_str(), F_OK) == 0) return true;
   if (access("/sys/kernel/debug/tracing/events/sock/inet_sock_set_state", F_OK) == 0) return true;
   // tracefs is not always mounted; classic tracepoints need it (libbpf
-  // reads the event's id there when it attaches), until the exit.
+  // reads the event's id there when it attaches). Mount it in a mount
+  // namespace of tcpscope's own, a follower of the host's: the host never
+  // sees it (no other tool finds it gone when tcpscope exits), and it goes
+  // with the process. (With other threads running, only this one would
+  // move: the one that attaches.)
+  if (unshare(CLONE_NEWNS) != 0) return false;
+  if (mount(nullptr, "/", nullptr, MS_REC | MS_SLAVE, nullptr) != 0) return false;
   if (mount("tracefs", kTracefs, "tracefs", 0, nullptr) != 0) return false;
-  mounted_tracefs_ = true;
   return access(events.c_str(), F_OK) == 0;
-}
-
-KernelFeatures::~KernelFeatures() {
-  // MNT_DETACH: a tracepoint attached through it stays attached (a perf
-  // event), and whoever opened a file in it since keeps that file.
-  if (mounted_tracefs_ && umount2(kTracefs, MNT_DETACH) != 0)
-    spdlog::warn("could not unmount the tracefs mounted at {}: {}", kTracefs, std::strerror(errno));
 }
 
 bool KernelFeatures::probe_io() {

@@ -16,13 +16,6 @@ const char* attach_mode_name(AttachMode m);
 
 class KernelFeatures {
  public:
-  KernelFeatures() = default;
-  KernelFeatures(const KernelFeatures&) = delete;
-  KernelFeatures& operator=(const KernelFeatures&) = delete;
-  // Unmounts tracefs if the tracepoint probe mounted it: the host is left
-  // as it was found.
-  ~KernelFeatures();
-
   // Names accepted by disable(): the keys of table().
   static const std::vector<std::string>& names();
 
@@ -33,7 +26,8 @@ class KernelFeatures {
   bool ringbuf();         // BPF_MAP_TYPE_RINGBUF (5.8)
   bool tp_btf();          // BPF_PROG_TYPE_TRACING + btf_trace_* types
   bool raw_tp();          // BPF_PROG_TYPE_RAW_TRACEPOINT
-  bool tracepoint();      // classic tracepoints (tracefs, mounted if needed)
+  bool tracepoint();      // classic tracepoints (tracefs, mounted if needed, for
+                          // tcpscope only)
   bool io_tracepoints();  // sock_send_length/sock_recv_length (6.3)
   bool reset_reason();    // enum sk_rst_reason in tcp_send_reset (6.10)
   bool bpf_stats();       // kernel.bpf_stats_enabled sysctl exists
@@ -62,7 +56,6 @@ class KernelFeatures {
   std::set<std::string> disabled_;
   std::map<std::string, bool> cache_;
   std::map<std::string, bool> btf_tp_cache_;
-  bool mounted_tracefs_ = false;
 };
 
 }  // namespace tcpscope

@@ -1,7 +1,7 @@
 // tcpscope leaves the host as it found it: classic tracepoints need tracefs,
-// which tcpscope mounts when it is not mounted, and unmounts at its exit.
-// Each case runs in a private mount namespace (unshare -m), so the host's own
-// mounts are never touched.
+// which tcpscope mounts when it is not mounted, in a mount namespace of its
+// own. Each case runs in a private mount namespace (unshare -m) standing for
+// the host, so the host's own mounts are never touched.
 #include "harness.hpp"
 
 namespace ktest {
@@ -20,7 +20,7 @@ CmdResult in_private_mounts(const std::string& script) {
                  30000ms);
 }
 
-TEST_F(HostTest, TracefsMountedForClassicTracepointsIsUnmountedAtExit) {
+TEST_F(HostTest, TracefsMountedForClassicTracepointsStaysTcpscopes) {
   // --info probes classic tracepoints: it mounts tracefs to look.
   CmdResult r = in_private_mounts(
       "echo before $(M); \"$T\" --info | grep -E '^ +tracepoint '; echo after $(M)");
@@ -29,12 +29,14 @@ TEST_F(HostTest, TracefsMountedForClassicTracepointsIsUnmountedAtExit) {
   EXPECT_NE(r.out.find("tracepoint       yes"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("after 0\n"), std::string::npos) << r.out;
 
-  // A trace through classic tracepoints needs it until it has attached.
+  // A trace through classic tracepoints: the host does not see it mounted
+  // while it runs either.
   r = in_private_mounts(
-      "\"$T\" --attach tracepoint --json --duration 0.3 | grep -c '\"attach\":\"tracepoint\"'; "
+      "o=$(mktemp); \"$T\" --attach tracepoint --json --duration 1.5 >$o & sleep 1; "
+      "echo during $(M); wait $! && grep -c '\"attach\":\"tracepoint\"' $o; rm -f $o; "
       "echo after $(M)");
   ASSERT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(r.out, "1\nafter 0\n") << r.err;
+  EXPECT_EQ(r.out, "during 0\n1\nafter 0\n") << r.err;
 
   // Mounted by someone else: left mounted.
   r = in_private_mounts(
