@@ -224,12 +224,21 @@ Result<Options> parse_command_line(int argc, char** argv) {
       if (app.count(name))
         return Error{std::string("report: ") + name + " applies to trace and record, not report",
                      2};
+    // Not standard input: the reader needs a file's size to tell a
+    // truncated tail, and follows FILE.1, FILE.2... ("./-" names a file "-").
+    if (o.report_file == "-")
+      return Error{"report: a capture is read from a file, not standard input: give its path", 2};
     o.command = Options::Command::Report;
     return o;
   }
   if (*record_cmd) {
     o.command = Options::Command::Record;
     if (r.output.empty()) return Error{"record: -o FILE is required", 2};
+    // Not standard output: a capture is cut back to its last whole block
+    // when a write fails, and rotates into FILE.1... ("./-" names a file).
+    if (r.output == "-")
+      return Error{"record: -o -: a capture is written to a file, not standard output: give a path",
+                   2};
     r.compress = compress == "zstd";
     if (!max_size.empty()) {
       auto b = parse_size(max_size);

@@ -348,6 +348,15 @@ TEST_F(CaptureKernel, UsageAndCorruptCaptureErrors) {
   EXPECT_NE(r.err.find("needs --ring"), std::string::npos) << r.err;
   r = run_cmd({tcpscope_binary(), "report", dir.file("x"), "--port", "80"});
   EXPECT_EQ(r.status, 2);
+  // "-" is not standard output/input (it once made a file named "-").
+  r = run_cmd({tcpscope_binary(), "record", "-o", "-", "--duration", "0.1"});
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err,
+            "tcpscope: record: -o -: a capture is written to a file, not standard output: give a "
+            "path\n");
+  r = run_cmd({tcpscope_binary(), "report", "-"});
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("not standard input"), std::string::npos) << r.err;
   r = run_cmd({tcpscope_binary(), "--audit-interval", "0.05"});
   EXPECT_EQ(r.status, 2);
   EXPECT_EQ(r.err, "tcpscope: --audit-interval: use 0 (off) or at least 0.1 s\n");
