@@ -3,7 +3,9 @@
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <fcntl.h>
+#include <linux/nsfs.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
@@ -50,11 +52,15 @@ Result<uint32_t> resolve_netns(const std::string& spec) {
     if (v == 0 || v > UINT32_MAX) return Error{"--netns " + spec + ": not a namespace inode", 2};
     return static_cast<uint32_t>(v);
   }
+  constexpr const char* kGive = " (give /run/netns/NAME, /proc/PID/ns/net or an inode number)";
+  const UniqueFd fd(open(spec.c_str(), O_RDONLY | O_CLOEXEC));
   struct stat st {};
-  if (stat(spec.c_str(), &st) != 0)
-    return Error{"--netns " + spec + ": " + errno_text(errno) +
-                     " (give /run/netns/NAME, /proc/PID/ns/net or an inode number)",
-                 2};
+  if (!fd.valid() || fstat(fd.get(), &st) != 0)
+    return Error{"--netns " + spec + ": " + errno_text(errno) + kGive, 2};
+  // Any file has an inode: only a namespace file's is a namespace's.
+  const int type = ioctl(fd.get(), NS_GET_NSTYPE);
+  if (type != CLONE_NEWNET)
+    return Error{"--netns " + spec + ": not a network namespace" + kGive, 2};
   return static_cast<uint32_t>(st.st_ino);
 }
 

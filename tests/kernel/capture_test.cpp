@@ -354,6 +354,14 @@ TEST_F(CaptureKernel, UsageAndCorruptCaptureErrors) {
   EXPECT_EQ(r.err,
             "tcpscope: record: -o -: a capture is written to a file, not standard output: give a "
             "path\n");
+  // A file that is no network namespace (its inode once became the filter).
+  for (const char* not_netns : {"/etc/passwd", "/proc/self/ns/mnt"}) {
+    r = run_cmd({tcpscope_binary(), "--netns", not_netns, "--duration", "0.1"});
+    EXPECT_EQ(r.status, 2) << not_netns;
+    EXPECT_EQ(r.err, std::string("tcpscope: --netns ") + not_netns +
+                         ": not a network namespace (give /run/netns/NAME, /proc/PID/ns/net or "
+                         "an inode number)\n");
+  }
   r = run_cmd({tcpscope_binary(), "report", "-"});
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.err.find("not standard input"), std::string::npos) << r.err;
