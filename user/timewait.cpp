@@ -877,10 +877,14 @@ void TimeWaitAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
   w.begin_object();
   // timer: exact (tw timer tracepoints); sweep: iter/tcp passes bound the
   // error of ends to half an interval; none: ends are not observed.
-  w.member("method", timers_ ? "timer" : sweeps_ ? "sweep" : "none");
+  w.member("method", timers_ ? "timer" : sweeping_ ? "sweep" : "none");
   w.member("entry", timers_ ? "timer" : sweeping_ ? "sweep" : "assumed");
   w.member("sweep_interval_ms", static_cast<uint64_t>(sweep_interval_ms_));
-  w.member("max_error_ms", static_cast<uint64_t>(timers_ ? 0 : sweep_interval_ms_ / 2));
+  w.key("max_error_ms");  // null: ends are not observed at all
+  if (timers_ || sweeping_)
+    w.value(static_cast<uint64_t>(timers_ ? 0 : sweep_interval_ms_ / 2));
+  else
+    w.null();
   w.member("sweeps", sweeps_);
   w.member("sweep_avg_us", sweeps_ ? sweep_ns_total_ / sweeps_ / 1000 : 0);
   w.member("sweep_max_us", sweep_ns_max_ / 1000);
@@ -972,9 +976,11 @@ void TimeWaitAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
     fmt::format_to(o, " {} {}", cause_name(static_cast<EndCause>(i)), ended_[i]);
   if (timers_)
     fmt::format_to(o, "; exact times from the tw timers\n");
+  else if (sweeping_)
+    fmt::format_to(o, "; end times by sweep (every {} ms, error <= {} ms)\n", sweep_interval_ms_,
+                   sweep_interval_ms_ / 2);
   else
-    fmt::format_to(o, "; end times by {} (every {} ms, error <= {} ms)\n",
-                   sweeps_ ? "sweep" : "none", sweep_interval_ms_, sweep_interval_ms_ / 2);
+    fmt::format_to(o, "; ends not observed (no tw timers, no sweeps)\n");
   if (duration_us_.count())
     fmt::format_to(o, "  duration ms: p50 {} p90 {} p99 {} max {} ({} measured)\n",
                    duration_us_.quantile(0.5) / 1000, duration_us_.quantile(0.9) / 1000,

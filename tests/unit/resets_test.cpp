@@ -217,6 +217,40 @@ TEST(TimeWaitAnalyzer, SweepFindsTheTwSockOfASkippedTimeWait) {
   EXPECT_NE(text.find("1 tw timer starts never seen"), std::string::npos) << text;
 }
 
+// How TIME_WAIT ends are observed, as the report says it: with neither the
+// tw timers nor sweeps they are not, and no error bound is claimed.
+TEST(TimeWaitAnalyzer, EndMethodSaysWhenEndsAreNotObserved) {
+  const auto text_of = [](const Rig& r) {
+    fmt::memory_buffer buf;
+    TimeFormatter tf(0);
+    r.time_wait->write_text(buf, tf, TextStyle{});
+    return fmt::to_string(buf);
+  };
+  Rig none(false, false);
+  json m = none.time_wait_report().at("end_method");
+  EXPECT_EQ(m.at("method"), "none") << m.dump();
+  EXPECT_TRUE(m.at("max_error_ms").is_null()) << m.dump();
+  EXPECT_NE(text_of(none).find("; ends not observed (no tw timers, no sweeps)\n"),
+            std::string::npos)
+      << text_of(none);
+
+  Rig sweeps(false, true);
+  Event sweep = Ev(TCPSCOPE_EV_SWEEP, 2, 0);
+  sweep.seg_len = 1000;  // the interval, ms
+  sweeps.run({sweep});
+  m = sweeps.time_wait_report().at("end_method");
+  EXPECT_EQ(m.at("method"), "sweep") << m.dump();
+  EXPECT_EQ(m.at("max_error_ms"), 500) << m.dump();
+  EXPECT_NE(text_of(sweeps).find("; end times by sweep (every 1000 ms, error <= 500 ms)\n"),
+            std::string::npos)
+      << text_of(sweeps);
+
+  Rig timers(true, true);
+  m = timers.time_wait_report().at("end_method");
+  EXPECT_EQ(m.at("method"), "timer") << m.dump();
+  EXPECT_EQ(m.at("max_error_ms"), 0) << m.dump();
+}
+
 // The sighting comes before the CLOSE without timer is decided: no skip is
 // ever said.
 TEST(TimeWaitAnalyzer, SweepFindsTheTwSockBeforeTheSkipIsDecided) {
