@@ -11,6 +11,8 @@ namespace tcpscope {
 
 namespace {
 
+constexpr bool is_printable_ascii(char c) { return c >= 0x20 && c < 0x7f; }
+
 // Hot lines (table rows, JSON state lines, notices) are built by hand: fmt's
 // format-spec parsing was a third of the consumer's time under churn. They
 // are written with plain stores into room reserved at the end of the buffer,
@@ -36,6 +38,12 @@ class LineWriter {
     std::memcpy(p_, s.data(), s.size());
     p_ += s.size();
   }
+  // Bytes a process or a capture chose (a comm, a command line): a
+  // terminal would run the escape sequences they may hold, so only
+  // printable ASCII passes, anything else as '?' (as ps shows them).
+  void printable(std::string_view s) {
+    for (const char c : s) *p_++ = is_printable_ascii(c) ? c : '?';
+  }
   void ch(char c) { *p_++ = c; }
   char* pos() const { return p_; }
   // Spaces up to `width` chars from `column`, none if it is that wide.
@@ -45,6 +53,11 @@ class LineWriter {
   void padded(std::string_view s, size_t width) {
     char* column = p_;
     text(s);
+    pad(column, width);
+  }
+  void padded_printable(std::string_view s, size_t width) {
+    char* column = p_;
+    printable(s);
     pad(column, width);
   }
 
@@ -680,7 +693,7 @@ void put_row_identity(LineWriter& line, const Identity& id) {
   line.ch(' ');
   line.uint_padded(id.pid, 7);
   line.ch(' ');
-  line.padded(id.comm, 15);
+  line.padded_printable(id.comm, 15);
   line.ch(' ');
   put_endpoint(line, id.family, id.laddr, id.lport, 22);
   put_endpoint(line, id.family, id.raddr, id.rport, 22);
@@ -800,7 +813,7 @@ void TableSink::on_notice(const Notice& n) {
       line.text(f.key);
       line.ch('=');
       if (f.is_text)
-        line.text(f.text);
+        line.printable(f.text);
       else if (f.is_bool)
         line.text(f.number ? "yes" : "no");
       else
@@ -812,7 +825,13 @@ void TableSink::on_notice(const Notice& n) {
 }
 
 void TableSink::on_report(const Pipeline& p, uint64_t) {
-  p.write_report_text(out_.buf(), time_, style_);
+  auto& out = out_.buf();
+  const size_t start = out.size();
+  p.write_report_text(out, time_, style_);
+  // The report names processes, command lines and containers: the same
+  // rule as the rows (written once: a pass over it all is cheap).
+  for (size_t i = start; i < out.size(); ++i)
+    if (out[i] != '\n' && !is_printable_ascii(out[i])) out[i] = '?';
   out_.flush();
 }
 

@@ -583,6 +583,47 @@ TEST(TableSink, HeaderRowsAndReport) {
   EXPECT_EQ(lines, want);
 }
 
+// Escape sequences a process put in its comm (or a command line, or a
+// capture's bytes) never reach the terminal raw: rows, notices and the
+// report show printable ASCII only, the rest as '?'.
+TEST(TableSink, NamesAreShownPrintable) {
+  // OSC (set the window title), BEL, an 8-bit CSI, and a byte of UTF-8.
+  static constexpr std::string_view kEvil =
+      "\x1b]0;x\x07\x9b"
+      "2J\xc3";
+  struct TextNotice : Analyzer {
+    void on_end(const Connection& c, NoticeOut& out) override {
+      Notice n;
+      n.type = "conn_end";
+      n.ts_ns = c.closed_ns;
+      n.conn = &c;
+      n.add("cmdline", kEvil);
+      out.notice(n);
+    }
+    void write_json(JsonWriter&, TimeFormatter&) const override {}
+    void write_text(fmt::memory_buffer&, TimeFormatter&, const TextStyle&) const override {}
+  };
+  MemFile f;
+  {
+    FdWriter out(f.fd());
+    TimeFormatter time(0);
+    TableSink sink(out, time, TextStyle{});
+    Pipeline p;
+    add_core_analyzers(p);
+    p.add_analyzer(std::make_unique<TextNotice>());
+    p.add_sink(&sink);
+    auto events = sink_events();
+    std::memset(events[0].comm, 0, sizeof(events[0].comm));
+    std::memcpy(events[0].comm, kEvil.data(), kEvil.size());
+    for (const Event& e : events) p.process(e);
+  }
+  const std::string text = f.contents();
+  for (const char c : text) ASSERT_TRUE(c == '\n' || (c >= 0x20 && c < 0x7f)) << text;
+  EXPECT_NE(text.find(" 42      ?]0;x??2J?      10.0.0.1:0 "), std::string::npos) << text;
+  EXPECT_NE(text.find("CONN_END cmdline=?]0;x??2J?\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("pid 42 ?]0;x??2J?  last in ESTABLISHED"), std::string::npos) << text;
+}
+
 TEST(TableSink, Ipv6Row) {
   EXPECT_EQ(
       sink_text<TableSink>({State(ms(1000), 5, kTcpListen, kTcpSynRecv)
