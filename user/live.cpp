@@ -5,6 +5,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fcntl.h>
@@ -14,6 +15,8 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <thread>
 #include <unordered_set>
 
@@ -137,6 +140,55 @@ void print_overhead(const Event& s, double ring_fill, uint64_t read_gap_ns, uint
 
 using Fd = UniqueFd;
 
+// The thread group of task `pid` (its Tgid line), 0 if there is no such task.
+uint32_t tgid_of(uint32_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("Tgid:", 0) == 0) return static_cast<uint32_t>(std::stoul(line.substr(5)));
+  return 0;
+}
+
+// True if a process, or a name under /run/netns, is in network namespace
+// `inode` now.
+bool netns_in_use(uint32_t inode) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  struct stat st {};
+  for (const auto& e : fs::directory_iterator("/run/netns", ec))
+    if (stat(e.path().c_str(), &st) == 0 && st.st_ino == inode) return true;
+  for (const auto& e : fs::directory_iterator("/proc", ec)) {
+    const std::string name = e.path().filename();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (stat((e.path() / "ns/net").c_str(), &st) == 0 && st.st_ino == inode) return true;
+  }
+  return false;
+}
+
+// A filter that names nothing traces nothing, in silence: a typo, a thread
+// for a process, a process or namespace gone. Said, not refused: what it
+// names may come (a namespace made after the start, say).
+void warn_of_empty_filters(const TraceConfig& cfg) {
+  const Filters& f = cfg.filters;
+  if (f.pid) {
+    const uint32_t tgid = tgid_of(f.pid);
+    if (tgid == 0)
+      spdlog::warn(
+          "--pid {}: no such process now: nothing is traced unless one starts with "
+          "that pid",
+          f.pid);
+    else if (tgid != f.pid)
+      spdlog::warn(
+          "--pid {}: a thread of process {}; connections are owned by processes: give "
+          "--pid {}",
+          f.pid, tgid, tgid);
+  }
+  // (A path was checked to be a network namespace.)
+  if (f.netns && cfg.netns_path.empty() && !netns_in_use(f.netns))
+    spdlog::warn("--netns {}: no process and no /run/netns name is in that network namespace now",
+                 f.netns);
+}
+
 }  // namespace
 
 Result<std::unique_ptr<LiveSession>> LiveSession::start(TraceConfig cfg,
@@ -145,6 +197,7 @@ Result<std::unique_ptr<LiveSession>> LiveSession::start(TraceConfig cfg,
   std::unique_ptr<LiveSession> s(new LiveSession());
   for (const auto& f : disabled) s->features_.disable(f);
   s->cfg_ = cfg;
+  warn_of_empty_filters(cfg);
   auto tracer = BpfTracer::start(cfg, s->features_);
   if (!tracer) return tracer.error();
   s->tracer_ = std::move(tracer.value());

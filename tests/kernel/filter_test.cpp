@@ -4,8 +4,14 @@
 // the same in every tracer), each with its complete lifecycle.
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <future>
 #include <set>
+#include <thread>
 
 #include "harness.hpp"
 
@@ -203,6 +209,58 @@ TEST_F(FilterTest, FamilyFiltersCountV4MappedAsIpv4) {
       EXPECT_EQ(e.value("raddr", ""), "127.0.0.1") << "-4: " << e.dump();
     }
   }
+}
+
+}  // namespace
+}  // namespace ktest
+
+namespace ktest {
+namespace {
+
+// A filter that names nothing would trace nothing in silence: tcpscope says
+// so (and runs on: what it names may yet come).
+TEST_F(FilterTest, FiltersThatNameNothingAreSaid) {
+  const pid_t gone = fork();
+  ASSERT_GE(gone, 0);
+  if (gone == 0) _exit(0);
+  ASSERT_EQ(waitpid(gone, nullptr, 0), gone);
+  const std::string gone_arg = std::to_string(gone);
+  CmdResult r = run_cmd({tcpscope_binary(), "--pid", gone_arg, "--duration", "0.2"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("--pid " + gone_arg + ": no such process now"), std::string::npos) << r.err;
+
+  // A thread's id is no process's: its connections belong to the process.
+  std::promise<pid_t> tid;
+  std::promise<void> done;
+  std::thread thread([&] {
+    tid.set_value(static_cast<pid_t>(syscall(SYS_gettid)));
+    done.get_future().wait();
+  });
+  const std::string tid_arg = std::to_string(tid.get_future().get());
+  r = run_cmd({tcpscope_binary(), "--pid", tid_arg, "--duration", "0.2"});
+  done.set_value();
+  thread.join();
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(
+      r.err.find("--pid " + tid_arg + ": a thread of process " + std::to_string(getpid()) +
+                 "; connections are owned by processes: give --pid " + std::to_string(getpid())),
+      std::string::npos)
+      << r.err;
+
+  r = run_cmd({tcpscope_binary(), "--netns", "1", "--duration", "0.2"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("--netns 1: no process and no /run/netns name is in that network namespace"),
+            std::string::npos)
+      << r.err;
+
+  // What exists is not warned of.
+  NetNs ns;
+  struct stat st {};
+  ASSERT_EQ(stat(ns.path().c_str(), &st), 0);
+  r = run_cmd({tcpscope_binary(), "--pid", std::to_string(getpid()), "--netns",
+               std::to_string(st.st_ino), "--duration", "0.2"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.err.find("warning"), std::string::npos) << r.err;
 }
 
 }  // namespace
