@@ -46,6 +46,20 @@ std::string errno_text(int err) { return std::strerror(err < 0 ? -err : err); }
 
 }  // namespace
 
+namespace {
+// Out of open files or memory: no attach method would do better.
+bool is_host_limit(int err) { return err == EMFILE || err == ENFILE || err == ENOMEM; }
+
+// A failed step of open, load or attach, with the fix for a host limit; the
+// errno goes with it (start() tries no other attach method after one that
+// would only repeat).
+Error step_error(const std::string& what, int err) {
+  std::string msg = what + ": " + errno_text(err);
+  if (err == EMFILE || err == ENFILE) msg += " (raise the open-files limit: ulimit -n)";
+  return Error{std::move(msg), 1, err};
+}
+}  // namespace
+
 Result<uint32_t> resolve_netns(const std::string& spec) {
   if (all_digits(spec)) {
     const unsigned long v = std::stoul(spec);
@@ -179,7 +193,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
 
   // 1. open
   t->skel_.reset(tcpscope_bpf__open());
-  if (!t->skel_) return Error{"cannot open BPF object: " + errno_text(errno)};
+  if (!t->skel_) return step_error("cannot open BPF object", errno);
   tcpscope_bpf* s = t->skel_.get();
 
   // 2. configure: filters into rodata, map sizes, which programs load.
@@ -255,21 +269,23 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
 
   // 3. load
   if (int err = tcpscope_bpf__load(s)) {
-    if (err == -EPERM || err == -EACCES)
+    err = -err;
+    if (err == EPERM || err == EACCES)
       return Error{std::string("permission denied loading BPF programs (") +
-                   attach_mode_name(mode) + "): run as root or with CAP_BPF and CAP_PERFMON"};
+                       attach_mode_name(mode) + "): run as root or with CAP_BPF and CAP_PERFMON",
+                   1, err};
+    if (is_host_limit(err))
+      return step_error(std::string("loading ") + attach_mode_name(mode) + " programs failed", err);
     return Error{std::string("loading ") + attach_mode_name(mode) +
-                 " programs failed: " + errno_text(err) + " (--verbose shows the verifier log)"};
+                     " programs failed: " + errno_text(err) + " (--verbose shows the verifier log)",
+                 1, err};
   }
 
   // 4. attach, each checked
   for (bpf_program* p : wanted) {
     bpf_link* link = bpf_program__attach(p);
-    if (!link) {
-      const int err = errno;
-      return Error{std::string("attaching ") + bpf_program__name(p) +
-                   " failed: " + errno_text(err)};
-    }
+    if (!link)
+      return step_error(std::string("attaching ") + bpf_program__name(p) + " failed", errno);
     t->links_.emplace_back(link);
     t->programs_.push_back(bpf_program__name(p));
     t->prog_fds_.push_back(bpf_program__fd(p));
@@ -282,7 +298,7 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::try_mode(AttachMode mode, const Tr
 
   if (with_iter) {
     bpf_link* link = bpf_program__attach_iter(s->progs.sock_iter, nullptr);
-    if (!link) return Error{"attaching the iter/tcp program failed: " + errno_text(errno)};
+    if (!link) return step_error("attaching the iter/tcp program failed", errno);
     t->iter_link_.reset(link);
     t->netns_path_ = cfg.netns_path;
     t->programs_.push_back(bpf_program__name(s->progs.sock_iter));
@@ -341,8 +357,8 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
     last = r.error();
     fallbacks.push_back(std::string(attach_mode_name(mode)) + ": " + last.message);
     spdlog::debug("{}", fallbacks.back());
-    // Permission problems will not go away with another flavour.
-    if (last.message.rfind("permission denied", 0) == 0) break;
+    // Permissions and the host's limits would fail another flavour too.
+    if (last.sys_errno == EPERM || last.sys_errno == EACCES || is_host_limit(last.sys_errno)) break;
   }
   return last;
 }

@@ -11,6 +11,7 @@ namespace tcpscope {
 struct Error {
   std::string message;  // one line: cause and, where known, the fix
   int exit_code = 1;    // 2 = usage error, 1 = runtime error
+  int sys_errno = 0;    // the system error behind it, where there is one
 };
 
 template <typename T>

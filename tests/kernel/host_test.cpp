@@ -46,5 +46,17 @@ TEST_F(HostTest, TracefsMountedForClassicTracepointsStaysTcpscopes) {
   EXPECT_EQ(r.out, "after 1\n") << r.err;
 }
 
+// A host limit is said with its fix, and no other attach method is tried
+// (each would meet the same limit, and the last one's failure would be
+// reported instead of the cause).
+TEST_F(HostTest, OutOfOpenFilesIsSaidAsSuch) {
+  const CmdResult r =
+      run_cmd({"sh", "-c", "ulimit -n 8 && exec \"$0\" --duration 0.2", tcpscope_binary()});
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_EQ(r.err,
+            "tcpscope: loading tp_btf programs failed: Too many open files (raise the open-files "
+            "limit: ulimit -n)\n");
+}
+
 }  // namespace
 }  // namespace ktest
