@@ -217,7 +217,9 @@ Result<std::unique_ptr<LiveSession>> LiveSession::start(TraceConfig cfg,
 int LiveSession::run(double duration_s, const Consumer& consume,
                      const std::function<void()>& on_batch,
                      const std::function<bool()>& should_stop) {
-  SignalFd signals(static_cast<bool>(on_usr1_));
+  // SIGUSR1 without a handler of the caller's: the --stats line so far, on
+  // stderr (as dd reports its progress), and tracing goes on.
+  SignalFd signals(true);
   BpfTracer& tracer = *tracer_;
   // CLOSE_WAIT holders: the resolver watches every record (cheap) and
   // resolves, live, only the sockets near the threshold.
@@ -469,8 +471,12 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     for (int i = 0; i < n; ++i) {
       if (evs[i].data.fd != signals.fd()) continue;
       while (const int sig = signals.pending()) {
-        if (sig == SIGUSR1)
+        if (sig == SIGUSR1 && on_usr1_)
           on_usr1_();
+        else if (sig == SIGUSR1)
+          print_overhead(overhead_record(tracer, boottime_now_ns(), reported_lost),
+                         tracer.ring_peak_fill(), tracer.ring_peak_read_gap_ns(),
+                         tracer.late_wakeups());
         else
           stop = true;
       }

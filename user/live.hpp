@@ -33,7 +33,7 @@ class LiveSession {
   // captures both use it, so `report` prints the same times as live.
   int64_t boot_offset_ns() const { return boot_offset_ns_; }
   // Called on the loop thread for each SIGUSR1 (flight recorder dump); when
-  // unset, SIGUSR1 keeps its default action.
+  // unset, SIGUSR1 prints the --stats line so far on stderr.
   void on_usr1(std::function<void()> fn) { on_usr1_ = std::move(fn); }
   // The connections the audit checks against the kernel's socket table
   // (--audit-interval): those gone without a CLOSE get a VANISHED record.

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 
 #include "harness.hpp"
@@ -71,6 +72,28 @@ TEST_F(StatsTest, OneStatsLineWithOwnOverheadBeforeTheReport) {
               s["bpf_ns"].get<double>() / s["bpf_sampled_events"].get<double>(), 0.001);
   EXPECT_GT(s["max_rss_kib"].get<uint64_t>(), 1024u);
   EXPECT_GE(s["user_cpu_s"].get<double>() + s["sys_cpu_s"].get<double>(), 0.0);
+}
+
+// SIGUSR1 asks a live trace for its --stats line so far, on stderr (as dd
+// reports its progress); tracing goes on, and ends with the report.
+TEST_F(StatsTest, Sigusr1PrintsTheStatsLineSoFarAndTracingGoesOn) {
+  NetNs ns;
+  Tracer tracer;
+  ASSERT_TRUE(tracer.start(ns)) << tracer.diagnostics();
+  make_connection(ns, ConnSpec{});
+  ASSERT_TRUE(tracer.wait_for([](const std::vector<json>& l) {
+    return count_type(l, "state") >= 12;
+  })) << tracer.diagnostics();
+  ASSERT_EQ(kill(tracer.pid(), SIGUSR1), 0);
+  ASSERT_TRUE(wait_until([&] {
+    return tracer.stderr_text().find("tcpscope: stats: events ") != std::string::npos;
+  })) << tracer.diagnostics();
+  make_connection(ns, ConnSpec{});
+  EXPECT_TRUE(tracer.wait_for([](const std::vector<json>& l) {
+    return count_type(l, "state") >= 22;
+  })) << tracer.diagnostics();
+  ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();
+  EXPECT_EQ(tracer.lines().back().value("type", ""), "report");
 }
 
 }  // namespace
