@@ -357,8 +357,10 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
     last = r.error();
     fallbacks.push_back(std::string(attach_mode_name(mode)) + ": " + last.message);
     spdlog::debug("{}", fallbacks.back());
-    // Permissions and the host's limits would fail another flavour too.
-    if (last.sys_errno == EPERM || last.sys_errno == EACCES || is_host_limit(last.sys_errno)) break;
+    // A load refused for want of privileges, and the host's limits, would
+    // fail another flavour too (an attach refused may not: fentry-like
+    // restrictions leave raw_tp alone).
+    if (is_host_limit(last.sys_errno) || last.message.rfind("permission denied", 0) == 0) break;
   }
   return last;
 }
