@@ -76,6 +76,18 @@ bool KernelFeatures::reset_reason() {
 bool KernelFeatures::bpf_stats() { return probe("bpf_stats", &KernelFeatures::probe_bpf_stats); }
 bool KernelFeatures::iter_tcp() { return probe("iter_tcp", &KernelFeatures::probe_iter_tcp); }
 
+bool KernelFeatures::supports(AttachMode m) {
+  switch (m) {
+    case AttachMode::TpBtf:
+      return tp_btf();
+    case AttachMode::RawTp:
+      return raw_tp();
+    case AttachMode::Tracepoint:
+      return tracepoint();
+  }
+  return false;
+}
+
 bool KernelFeatures::tw_timers() { return probe("tw_timers", &KernelFeatures::probe_tw_timers); }
 
 bool KernelFeatures::probe_tw_timers() {

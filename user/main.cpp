@@ -54,6 +54,18 @@ int run_info(const Options& o) {
   fmt::print("kernel {}\n", features.kernel_release());
   for (const auto& [name, ok] : features.table())
     fmt::print("  {:<16} {}\n", name, ok ? "yes" : "no");
+  // What a trace would use here: the first method that loads, tried best
+  // first; TIME_WAIT ends from the tw timers, else from iter/tcp sweeps.
+  std::string attach = "none";
+  for (AttachMode m : kAttachOrder)
+    if (features.supports(m)) {
+      attach = attach_mode_name(m);
+      break;
+    }
+  fmt::print("attach           {}\n", attach);
+  fmt::print("time_wait ends   {}\n", features.tw_timers()  ? "tw timers (exact)"
+                                      : features.iter_tcp() ? "sweeps (iter/tcp)"
+                                                            : "not observed");
   return 0;
 }
 

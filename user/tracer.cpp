@@ -323,19 +323,13 @@ Result<std::unique_ptr<BpfTracer>> BpfTracer::start(const TraceConfig& cfg,
   if (!features.ringbuf())
     return Error{"the kernel has no BPF ring buffer (needs Linux 5.8 or later)"};
 
-  std::vector<AttachMode> modes;
-  if (cfg.force_mode)
-    modes = {*cfg.force_mode};
-  else
-    modes = {AttachMode::TpBtf, AttachMode::RawTp, AttachMode::Tracepoint};
+  std::vector<AttachMode> modes(std::begin(kAttachOrder), std::end(kAttachOrder));
+  if (cfg.force_mode) modes = {*cfg.force_mode};
 
   std::vector<std::string> fallbacks;
   Error last{"no attach method available"};
   for (AttachMode mode : modes) {
-    const bool supported = mode == AttachMode::TpBtf   ? features.tp_btf()
-                           : mode == AttachMode::RawTp ? features.raw_tp()
-                                                       : features.tracepoint();
-    if (!supported) {
+    if (!features.supports(mode)) {
       last = Error{std::string(attach_mode_name(mode)) + " is not supported by this kernel"};
       fallbacks.push_back(last.message);
       spdlog::debug("{}", last.message);

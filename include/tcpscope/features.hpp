@@ -13,6 +13,9 @@ namespace tcpscope {
 
 enum class AttachMode { TpBtf, RawTp, Tracepoint };
 const char* attach_mode_name(AttachMode m);
+// The attach methods, best first: the order in which they are tried.
+inline constexpr AttachMode kAttachOrder[] = {AttachMode::TpBtf, AttachMode::RawTp,
+                                              AttachMode::Tracepoint};
 
 class KernelFeatures {
  public:
@@ -33,6 +36,8 @@ class KernelFeatures {
   bool bpf_stats();       // kernel.bpf_stats_enabled sysctl exists
   bool iter_tcp();        // iter/tcp BPF iterator (5.9): tw sweep, snapshot, audit
   bool tw_timers();       // timer tracepoints + tw_timer_handler in kallsyms
+
+  bool supports(AttachMode m);  // tp_btf(), raw_tp() or tracepoint()
 
   // True if the kernel has tracepoint NAME (BTF typedef btf_trace_NAME).
   bool has_btf_tracepoint(const std::string& name);

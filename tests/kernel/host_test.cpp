@@ -58,5 +58,20 @@ TEST_F(HostTest, OutOfOpenFilesIsSaidAsSuch) {
             "limit: ulimit -n)\n");
 }
 
+// --info ends with what a trace would use, features forced off included.
+TEST_F(HostTest, InfoSaysWhatATraceWouldUse) {
+  CmdResult r = run_cmd({tcpscope_binary(), "--info"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("\nattach           tp_btf\ntime_wait ends   tw timers (exact)\n"),
+            std::string::npos)
+      << r.out;
+  r = run_cmd({tcpscope_binary(), "--info", "--disable-feature", "tp_btf", "--disable-feature",
+               "tw_timers"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("\nattach           raw_tp\ntime_wait ends   sweeps (iter/tcp)\n"),
+            std::string::npos)
+      << r.out;
+}
+
 }  // namespace
 }  // namespace ktest
