@@ -191,6 +191,13 @@ void warn_of_empty_filters(const TraceConfig& cfg) {
 
 }  // namespace
 
+void hold_sigusr1() {
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  sigprocmask(SIG_BLOCK, &usr1, nullptr);
+}
+
 Result<std::unique_ptr<LiveSession>> LiveSession::start(TraceConfig cfg,
                                                         const std::vector<std::string>& disabled) {
   if (auto err = check_privileges()) return *err;

@@ -17,6 +17,10 @@
 
 namespace tcpscope {
 
+// Blocks SIGUSR1 from now on: one sent while the tracer starts stays
+// pending for the session's signalfd instead of killing the process.
+void hold_sigusr1();
+
 class LiveSession {
  public:
   using Consumer = std::function<void(const Event&)>;

@@ -71,6 +71,7 @@ int run_info(const Options& o) {
 
 int run_trace(const Options& o) {
   signal(SIGPIPE, SIG_IGN);
+  hold_sigusr1();
   auto started = LiveSession::start(o.trace, o.disabled_features);
   if (!started) {
     fail(started.error());

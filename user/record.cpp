@@ -238,12 +238,7 @@ int record_ring(const Options& o, LiveSession& session, capture::CaptureInfo inf
 
 int run_record(const Options& o) {
   signal(SIGPIPE, SIG_IGN);
-  // Block SIGUSR1 now: one sent before the loop starts stays pending for its
-  // signalfd instead of killing us.
-  sigset_t usr1;
-  sigemptyset(&usr1);
-  sigaddset(&usr1, SIGUSR1);
-  sigprocmask(SIG_BLOCK, &usr1, nullptr);
+  hold_sigusr1();
 
   auto started = LiveSession::start(o.trace, o.disabled_features);
   if (!started) {
