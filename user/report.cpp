@@ -107,6 +107,7 @@ void ConnectionsAnalyzer::on_end(const Connection& c, NoticeOut&) {
   ++total_;
   ++by_open_[static_cast<int>(c.open_kind)];
   ++by_close_[static_cast<int>(c.close_kind)];
+  evicted_ += c.evicted;
 }
 
 void ConnectionsAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
@@ -124,6 +125,9 @@ void ConnectionsAnalyzer::write_json(JsonWriter& w, TimeFormatter&) const {
     w.member(close_kind_name(static_cast<CloseKind>(k)), by_close_[k]);
   w.end_object();
   w.member("listeners", listeners_);
+  // Open ones dropped with the tracker full (in by_close "open"): their
+  // later events come back as connections seen mid-life.
+  w.member("evicted", evicted_);
   w.end_object();
 }
 
@@ -139,6 +143,11 @@ void ConnectionsAnalyzer::write_text(fmt::memory_buffer& out, TimeFormatter&,
     fmt::format_to(o, " {} {}{}", close_kind_name(static_cast<CloseKind>(k)), by_close_[k],
                    k + 1 < kCloseKindCount ? "," : "");
   fmt::format_to(o, "; still open {}\n", by_close_[0]);
+  if (evicted_)
+    fmt::format_to(o,
+                   "  {} of them evicted: dropped while open, the tracker full; their later "
+                   "events count as connections seen mid-life\n",
+                   evicted_);
 }
 
 // ---- RetransmitAnalyzer ----------------------------------------------------

@@ -412,6 +412,7 @@ void Tracker::enforce_cap() {
     const LifecycleRef entry = started_.front();
     started_.pop_front();
     if (stale(entry)) continue;
+    slot(entry.slot).evicted = true;
     finalize(slot(entry.slot));
     forget(entry.slot);
     ++evicted_;

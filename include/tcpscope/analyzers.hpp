@@ -35,6 +35,7 @@ class ConnectionsAnalyzer final : public Analyzer {
  private:
   uint64_t total_ = 0;
   uint64_t listeners_ = 0;
+  uint64_t evicted_ = 0;
   std::array<uint64_t, 4> by_open_{};
   std::array<uint64_t, kCloseKindCount> by_close_{};
 };

@@ -72,6 +72,8 @@ struct Connection {
   bool vanished = false;         // an audit found it gone (TCPSCOPE_EV_VANISHED)
   bool snapshot = false;         // found by the start-up snapshot (SNAPSHOT
                                  // record): it predates the trace
+  bool evicted = false;          // dropped while open, the tracker full
+                                 // (TrackerLimits::max_connections)
   uint8_t last_reset_flags = 0;  // flags of the segment that drew it
   uint8_t history_len = 0;
   uint16_t history_dropped = 0;

@@ -68,7 +68,8 @@ TEST(ConnectionsAnalyzer, CountsByOpenAndCloseKind) {
   EXPECT_EQ(json_of(a),
             R"({"connections":{"total":5,"by_open":{"active":2,"passive":2,"unknown":1},)"
             R"("by_close":{"open":1,"active_close":1,"passive_close":1,"simultaneous":0,)"
-            R"("reset_sent":1,"reset_received":0,"aborted":1,"vanished":0},"listeners":2}})");
+            R"("reset_sent":1,"reset_received":0,"aborted":1,"vanished":0},"listeners":2,)"
+            R"("evicted":0}})");
   EXPECT_EQ(text_of(a),
             "\nConnections: 5 (active open 2, passive open 2, seen mid-life 1); "
             "listeners: 2\n"
@@ -82,7 +83,27 @@ TEST(ConnectionsAnalyzer, Empty) {
   EXPECT_EQ(json_of(a),
             R"({"connections":{"total":0,"by_open":{"active":0,"passive":0,"unknown":0},)"
             R"("by_close":{"open":0,"active_close":0,"passive_close":0,"simultaneous":0,)"
-            R"("reset_sent":0,"reset_received":0,"aborted":0,"vanished":0},"listeners":0}})");
+            R"("reset_sent":0,"reset_received":0,"aborted":0,"vanished":0},"listeners":0,)"
+            R"("evicted":0}})");
+}
+
+// Open connections the tracker dropped at its cap are said: their later
+// events come back as new connections seen mid-life.
+TEST(ConnectionsAnalyzer, SaysWhatTheTrackerEvicted) {
+  Pipeline p(TrackerLimits{.close_grace_ns = ms(1), .max_connections = 2});
+  auto owned = std::make_unique<ConnectionsAnalyzer>();
+  const ConnectionsAnalyzer& a = *owned;
+  p.add_analyzer(std::move(owned));
+  for (uint64_t i = 1; i <= 3; ++i) p.process(State(ms(i), 700 + i, kTcpClose, kTcpSynSent));
+  p.finish(ms(10));
+  EXPECT_EQ(a.total(), 3u);
+  EXPECT_NE(json_of(a).find(R"("by_close":{"open":3,)"), std::string::npos) << json_of(a);
+  EXPECT_NE(json_of(a).find(R"("listeners":0,"evicted":1}})"), std::string::npos) << json_of(a);
+  EXPECT_NE(text_of(a).find("; still open 3\n  1 of them evicted: dropped while open, the "
+                            "tracker full; their later events count as connections seen "
+                            "mid-life\n"),
+            std::string::npos)
+      << text_of(a);
 }
 
 // ---- RetransmitAnalyzer ----------------------------------------------------------
@@ -437,7 +458,8 @@ TEST(Pipeline, EveryKindReport) {
   EXPECT_EQ(got,
             R"({"connections":{"total":7,"by_open":{"active":4,"passive":2,"unknown":1},)"
             R"("by_close":{"open":1,"active_close":1,"passive_close":1,"simultaneous":1,)"
-            R"("reset_sent":1,"reset_received":1,"aborted":1,"vanished":0},"listeners":1},)"
+            R"("reset_sent":1,"reset_received":1,"aborted":1,"vanished":0},"listeners":1,)"
+            R"("evicted":0},)"
             R"("retransmits":{"total":5,"connections":2,"top":[)"
             R"({"conn":7,"family":4,"laddr":"10.0.0.1","lport":40000,"raddr":"10.0.0.2",)"
             R"("rport":80,"pid":0,"comm":"","count":3,"fin":0,)"

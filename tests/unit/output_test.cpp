@@ -458,7 +458,8 @@ TEST(JsonLinesSink, Lines) {
   EXPECT_EQ(rep["type"], "report");
   EXPECT_EQ(rep["time"], "1970-01-01T00:00:00.200000000Z");
   EXPECT_EQ(rep["events"], 7);
-  EXPECT_EQ(keys_of(rep["connections"]), (Keys{"total", "by_open", "by_close", "listeners"}));
+  EXPECT_EQ(keys_of(rep["connections"]),
+            (Keys{"total", "by_open", "by_close", "listeners", "evicted"}));
   EXPECT_EQ(rep["connections"]["total"], 1);
   EXPECT_EQ(rep["connections"]["by_open"]["active"], 1);
   EXPECT_EQ(rep["connections"]["by_close"]["reset_sent"], 1);
