@@ -33,16 +33,16 @@ namespace tcpscope {
 
 namespace {
 
-// SIGINT/SIGTERM arrive on a signalfd polled with the ring buffer: no global
-// flag, no async-signal handler.
+// SIGINT/SIGTERM/SIGUSR1 arrive on a signalfd polled with the ring buffer:
+// no global flag, no async-signal handler.
 class SignalFd {
  public:
-  explicit SignalFd(bool usr1) {
+  SignalFd() {
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGINT);
     sigaddset(&mask, SIGTERM);
-    if (usr1) sigaddset(&mask, SIGUSR1);
+    sigaddset(&mask, SIGUSR1);
     sigprocmask(SIG_BLOCK, &mask, nullptr);
     fd_ = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
   }
@@ -226,7 +226,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
                      const std::function<bool()>& should_stop) {
   // SIGUSR1 without a handler of the caller's: the --stats line so far, on
   // stderr (as dd reports its progress), and tracing goes on.
-  SignalFd signals(true);
+  SignalFd signals;
   BpfTracer& tracer = *tracer_;
   // CLOSE_WAIT holders: the resolver watches every record (cheap) and
   // resolves, live, only the sockets near the threshold.
