@@ -44,9 +44,6 @@ bool all_digits(const std::string& s) {
 
 std::string errno_text(int err) { return std::strerror(err < 0 ? -err : err); }
 
-}  // namespace
-
-namespace {
 // Out of open files or memory: no attach method would do better.
 bool is_host_limit(int err) { return err == EMFILE || err == ENFILE || err == ENOMEM; }
 
