@@ -382,8 +382,35 @@ int LiveSession::run(double duration_s, const Consumer& consume,
 
   // TIME_WAIT sweeps: the state tracepoint never shows the tw sock's end.
   TimeWaitSweep sweep;
-  const bool sweeping = cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter();
+  bool sweeping = cfg_.tw_sweep_ms > 0 && tracer.has_sock_iter();
   uint64_t next_sweep = 0;
+  // Passes over the kernel's socket table (sweeps, audits) run in the traced
+  // namespace, entered by its path. The path gone (ip netns del), they stop,
+  // said once; the namespace's events are still traced by its inode (it
+  // lives on while a process is in it).
+  bool auditing = false;
+  auto path_gone = [&] {
+    if (cfg_.netns_path.empty() || access(cfg_.netns_path.c_str(), F_OK) == 0) return false;
+    if (sweeping || auditing)
+      spdlog::warn("--netns {}: the path is gone: TIME_WAIT sweeps and connection audits stop",
+                   cfg_.netns_path);
+    sweeping = auditing = false;
+    return true;
+  };
+  // A pass that fails is said at the first of a run of failures, and when
+  // passes work again.
+  struct Failures {
+    const char* what;
+    uint64_t count = 0;
+    void failed(const Error& e) {
+      if (count++ == 0) spdlog::warn("{} failed: {}", what, e.message);
+    }
+    void worked() {
+      if (count) spdlog::warn("{} work again, after {} failed", what, count);
+      count = 0;
+    }
+  };
+  Failures sweep_failures{"TIME_WAIT sweeps"}, audit_failures{"connection audits"};
   auto run_sweep = [&](bool initial) {
     tracer.consume();  // entries first: a tw's CLOSE event precedes its sighting
     const uint64_t t0 = boottime_now_ns();
@@ -396,18 +423,20 @@ int LiveSession::run(double duration_s, const Consumer& consume,
         TCPSCOPE_ITER_TIME_WAIT, [&sweep](const SockRecord& r) { sweep.see(r); },
         [&sweep, &consume] { sweep.settle(boottime_now_ns() - kSettleNs, consume); });
     const uint64_t t1 = boottime_now_ns();
+    // The next pass comes at its time, whether this one worked or not.
+    next_sweep = t0 + static_cast<uint64_t>(cfg_.tw_sweep_ms) * 1'000'000;
     if (!got) {
       // What a failed pass saw stays known; the next pass settles it.
-      spdlog::warn("TIME_WAIT sweep failed: {}", got.error().message);
+      if (!path_gone()) sweep_failures.failed(got.error());
       return;
     }
+    sweep_failures.worked();
     // And the events of the pass itself: a tw sock made while the pass ran
     // may have been seen by it, and its CLOSE event must come first, or the
     // sighting looks like a stranger's (pre-existing, filtered out) and the
     // CLOSE like a TIME_WAIT that never was.
     tracer.consume();
     sweep.finish(t0, t1, cfg_.tw_sweep_ms, consume);
-    next_sweep = t0 + static_cast<uint64_t>(cfg_.tw_sweep_ms) * 1'000'000;
   };
   if (sweeping) run_sweep(true);
 
@@ -415,8 +444,7 @@ int LiveSession::run(double duration_s, const Consumer& consume,
   // kernel's table lost its last events, CLOSE included. iter/tcp sees one
   // namespace: connections of others are not audited. Under --pid a
   // connection handed to another process leaves the trace: not audited.
-  const bool auditing =
-      audited_ && cfg_.audit_ms > 0 && tracer.has_sock_iter() && !cfg_.filters.pid;
+  auditing = audited_ && cfg_.audit_ms > 0 && tracer.has_sock_iter() && !cfg_.filters.pid;
   // The namespace iter/tcp walks: --netns given as a path, else our own
   // (0 if unknown: no connection matches, none is judged).
   const uint32_t audit_netns = own_netns;
@@ -430,9 +458,10 @@ int LiveSession::run(double duration_s, const Consumer& consume,
     auto got = tracer.read_sockets(
         TCPSCOPE_ITER_AUDIT, [&present](const SockRecord& r) { present.push_back(r.conn); }, [] {});
     if (!got) {
-      spdlog::warn("connection audit failed: {}", got.error().message);
+      if (!path_gone()) audit_failures.failed(got.error());
       return;
     }
+    audit_failures.worked();
     spdlog::debug("connection audit: {} sockets in {} reads, {} us", present.size(),
                   tracer.last_pass_reads(), (boottime_now_ns() - t0) / 1000);
     tracer.consume();  // a socket gone during the pass: its CLOSE is in by now

@@ -263,5 +263,26 @@ TEST_F(FilterTest, FiltersThatNameNothingAreSaid) {
   EXPECT_EQ(r.err.find("warning"), std::string::npos) << r.err;
 }
 
+// The traced namespace's path removed (ip netns del): sweeps and audits,
+// which enter it by that path, stop, said once, instead of failing at each
+// turn; the trace goes on and ends with its report.
+TEST_F(FilterTest, NetnsPathGoneStopsPassesSaidOnce) {
+  NetNs ns;
+  Tracer tracer;
+  ASSERT_TRUE(tracer.start(ns, {"--tw-sweep-interval", "0.1", "--audit-interval", "0.2"}))
+      << tracer.diagnostics();
+  make_connection(ns, ConnSpec{});
+  ASSERT_EQ(run_cmd({"ip", "netns", "del", ns.name()}).status, 0);
+  std::this_thread::sleep_for(1500ms);  // some 15 sweeps and 7 audits due
+  ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();
+  const std::string err = tracer.stderr_text();
+  const std::string gone = "tcpscope: warning: --netns " + ns.path() +
+                           ": the path is gone: TIME_WAIT sweeps and connection audits stop\n";
+  EXPECT_NE(err.find(gone), std::string::npos) << err;
+  EXPECT_EQ(err.find(gone), err.rfind(gone)) << err;
+  EXPECT_EQ(err.find("failed"), std::string::npos) << err;
+  EXPECT_EQ(tracer.lines().back().value("type", ""), "report");
+}
+
 }  // namespace
 }  // namespace ktest
