@@ -238,6 +238,16 @@ struct sock_cgroup_data___old {
 	__u64 val;
 };
 
+/* A namespace's reference count: ns_common.__ns_ref since 6.18 (renamed
+ * from ns_common.count, where 5.13 moved it with "net: Use ns_common's
+ * count"). Neither name needs to be in the vmlinux.h built against. */
+struct ns_common___ref {
+	refcount_t __ns_ref;
+} __attribute__((preserve_access_index));
+struct ns_common___count {
+	refcount_t count;
+} __attribute__((preserve_access_index));
+
 /* Kernels before 6.2 ("cgroup: Use cgroup_attach_{lock,unlock}()...")
  * stored ancestor ids rather than pointers. */
 struct cgroup___old {
@@ -1298,6 +1308,29 @@ static __always_inline __u64 jiffies__to_boot_ns(__u64 expires)
  * armed in inet_twsk_schedule() before tcp_done() reports CLOSE, fired on
  * expiry, cancelled when the tw sock is killed early. Every timer on the
  * host passes here, so the first test is the callback pointer. */
+/* True while the tw sock's namespace is being dismantled: its count is 0,
+ * the condition under which inet_twsk_purge() kills the tw socks left in it
+ * (their timers cancelled, like an early kill). False where the count
+ * cannot be read (before 5.13). */
+static __always_inline bool tw__netns_dying(const struct inet_timewait_sock *tw)
+{
+	const struct net *net = BPF_CORE_READ(tw, __tw_common.skc_net.net);
+	const void *ns = &net->ns;
+	int refs;
+
+	if (!net)
+		return false;
+	if (bpf_core_field_exists(struct ns_common___ref, __ns_ref))
+		refs = BPF_CORE_READ((const struct ns_common___ref *)ns,
+				     __ns_ref.refs.counter);
+	else if (bpf_core_field_exists(struct ns_common___count, count))
+		refs = BPF_CORE_READ((const struct ns_common___count *)ns,
+				     count.refs.counter);
+	else
+		return false;
+	return refs == 0;
+}
+
 static __always_inline int tw_timer__handle(const struct timer_list *timer,
 					    __u8 type, bool btf)
 {
@@ -1336,6 +1369,8 @@ static __always_inline int tw_timer__handle(const struct timer_list *timer,
 	e.new_state = BPF_CORE_READ(tw, tw_substate);
 	e.sk = (__u64)tw;
 	e.sk_flags = TCPSCOPE_SK_TIMEWAIT;
+	if (type == TCPSCOPE_EV_TW_CANCEL && tw__netns_dying(tw))
+		e.sk_flags |= TCPSCOPE_SK_NETNS_EXIT;
 	if (type == TCPSCOPE_EV_TW_START)
 		e.aux = jiffies__to_boot_ns(BPF_CORE_READ(timer, expires));
 	ringbuf__emit(&e);

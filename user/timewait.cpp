@@ -179,6 +179,8 @@ std::string_view TimeWaitAnalyzer::cause_name(EndCause c) {
       return "reused";
     case EndCause::Reset:
       return "reset";
+    case EndCause::NetnsExit:
+      return "netns_exit";
     default:
       return "?";
   }
@@ -375,6 +377,11 @@ void TimeWaitAnalyzer::on_timer(const Event& e, NoticeOut& out) {
       }
       return;
     case TCPSCOPE_EV_TW_CANCEL:
+      // Its namespace dismantled: nothing re-arms it, nothing else explains it.
+      if (tw && (e.sk_flags & TCPSCOPE_SK_NETNS_EXIT)) {
+        end(*tw, e.ts_ns, EndCause::NetnsExit, "timer", out);
+        return;
+      }
       // Killed, unless a TW_START re-arms it at once (mod_timer cancels
       // a pending timer before re-adding it).
       if (tw && !tw->cancel_ns) {

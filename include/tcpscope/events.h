@@ -212,10 +212,12 @@ enum tcpscope_owner_source {
 
 /* Bits of tcpscope_event.sk_flags. */
 enum tcpscope_sk_flags {
-	/* Bit 0 is unused: the state tracepoint fires in
+	/* Bit 0 is no "still hashed": the state tracepoint fires in
 	 * inet_sk_state_store(), after tcp_set_state() unhashed the socket,
-	 * so "still hashed" cannot tell a timewait sock from a bucket
-	 * overflow. The tw timer records (TW_START) tell that instead. */
+	 * so that cannot tell a timewait sock from a bucket overflow (the tw
+	 * timer records, TW_START, do). It serves TW_CANCEL only: */
+	TCPSCOPE_SK_NETNS_EXIT = 1 << 0,    /* TW_CANCEL: the namespace was being
+					       dismantled (inet_twsk_purge) */
 	TCPSCOPE_SK_RCV_SHUTDOWN = 1 << 1,  /* peer's FIN was received */
 	TCPSCOPE_SK_SEND_SHUTDOWN = 1 << 2, /* our FIN was queued */
 	TCPSCOPE_SK_NO_SOCKET = 1 << 3,	    /* reset with no socket (sk NULL):

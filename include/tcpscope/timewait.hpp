@@ -111,7 +111,8 @@ class TimeWaitAnalyzer final : public Analyzer {
   void write_text(fmt::memory_buffer& out, TimeFormatter& time,
                   const TextStyle& style) const override;
 
-  enum class EndCause : uint8_t { Expired, Recycled, Reused, Reset, kCount };
+  // NetnsExit: killed with its namespace (inet_twsk_purge), not by a segment.
+  enum class EndCause : uint8_t { Expired, Recycled, Reused, Reset, NetnsExit, kCount };
   static std::string_view cause_name(EndCause c);
 
   // What became of the TIME_WAIT of a recently closed connection: what the

@@ -753,5 +753,37 @@ INSTANTIATE_TEST_SUITE_P(Modes, TimeWaitTest,
                                   (raw_tp(i.param) ? "RawTp" : "");
                          });
 
+// The namespace dismantled (ip netns del, no process left in it): the
+// kernel kills its tw socks with it (inet_twsk_purge, the namespace's count
+// at 0). They end with cause netns_exit, not as resets. Exact with the tw
+// timers only: sweeps enter the namespace by its path, gone by then.
+class NetnsExitTest : public KernelTest, public ::testing::WithParamInterface<Mode> {};
+
+TEST_P(NetnsExitTest, TimeWaitEndsWithItsNamespace) {
+  NetNs ns;
+  Tracer tracer;
+  ASSERT_TRUE(tracer.start(ns, mode_args(GetParam()))) << tracer.diagnostics();
+  const ConnPorts ports = make_connection(ns, ConnSpec{});  // the client closes first
+  ASSERT_TRUE(tracer.wait_for([](const std::vector<json>& l) {
+    return count_type(l, "time_wait_enter") >= 1;
+  })) << tracer.diagnostics();
+  ASSERT_EQ(run_cmd({"ip", "netns", "del", ns.name()}).status, 0);
+  ASSERT_TRUE(tracer.wait_for([](const std::vector<json>& l) {
+    return count_type(l, "time_wait_end") >= 1;
+  })) << tracer.diagnostics();
+  ASSERT_EQ(tracer.stop(), 0) << tracer.diagnostics();
+  const auto ends = tracer.events("time_wait_end");
+  ASSERT_EQ(ends.size(), 1u) << tracer.diagnostics();
+  EXPECT_EQ(ends[0].value("cause", ""), "netns_exit") << ends[0].dump();
+  EXPECT_EQ(ends[0].value("method", ""), "timer") << ends[0].dump();
+  EXPECT_EQ(ends[0].value("lport", 0), ports.cport) << ends[0].dump();
+  expect_ended(tracer.report().at("time_wait"), "netns_exit", 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Timers, NetnsExitTest, ::testing::Values(Mode::Timer, Mode::TimerRawTp),
+                         [](const ::testing::TestParamInfo<Mode>& i) {
+                           return std::string(raw_tp(i.param) ? "RawTp" : "TpBtf");
+                         });
+
 }  // namespace
 }  // namespace ktest

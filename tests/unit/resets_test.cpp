@@ -488,6 +488,23 @@ TEST(ResetAnalyzer, SynToClosedPortIsNoListener) {
 
 // ---- causes without a socket: what became of the TIME_WAIT ---------------------------
 
+// A cancel flagged as the namespace's dismantling ends the TIME_WAIT at
+// once, as netns_exit: no reset, no recycling to wait for.
+TEST(TimeWaitAnalyzer, CancelInADyingNamespaceIsNetnsExit) {
+  Rig r;
+  client_closes(r);
+  client_enters_tw(r, kTcpTimeWait, ms(60'000));
+  r.run({Ev(TCPSCOPE_EV_TW_CANCEL, ms(200), 1).sk_flags(TCPSCOPE_SK_NETNS_EXIT)});
+  const auto ends = r.sink.of("time_wait_end");
+  ASSERT_EQ(ends.size(), 1u);  // said at once, not a cause window later
+  EXPECT_EQ(ends[0].fields.at("cause"), "netns_exit");
+  EXPECT_EQ(ends[0].ts_ns, ms(200));
+  r.run({End(ms(400))});
+  const json ended = r.time_wait_report().at("ended");
+  EXPECT_EQ(ended.at("netns_exit"), 1) << ended.dump();
+  EXPECT_EQ(ended.at("reset"), 0) << ended.dump();
+}
+
 TEST(ResetAnalyzer, LateFinAfterTwKilledIsTwKilledEvenBeforeTheKillIsDecided) {
   Rig r;
   client_closes(r);
