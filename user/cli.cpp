@@ -5,6 +5,8 @@
 #include <CLI/CLI.hpp>
 #include <cmath>
 
+#include <unistd.h>
+
 namespace tcpscope {
 
 namespace {
@@ -250,6 +252,14 @@ Result<Options> parse_command_line(int argc, char** argv) {
       auto b = parse_size(ring);
       if (!b || *b < (64u << 10) || *b > (64ull << 30))
         return Error{"--ring " + ring + ": must be a size from 64K to 64G", 2};
+      // The recorder's memory grows to this size while it runs: a slip of
+      // the unit (G for M) must not take a production host's memory.
+      const uint64_t phys = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) *
+                            static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+      if (phys && *b > phys / 2)
+        return Error{fmt::format("--ring {}: more than half of this host's memory ({} MiB)", ring,
+                                 phys >> 20),
+                     2};
       r.ring_bytes = *b;
       if (!max_size.empty())
         return Error{"--max-size does not apply to --ring (each dump is one file)", 2};

@@ -354,6 +354,15 @@ TEST_F(CaptureKernel, UsageAndCorruptCaptureErrors) {
   EXPECT_EQ(r.err,
             "tcpscope: record: -o -: a capture is written to a file, not standard output: give a "
             "path\n");
+  // A flight recorder over half the host's memory is a slip of the unit.
+  const uint64_t phys =
+      static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  if (phys / 2 < (64ull << 30)) {
+    r = run_cmd({tcpscope_binary(), "record", "--ring", "64G", "-o", dir.file("x")});
+    EXPECT_EQ(r.status, 2);
+    EXPECT_EQ(r.err, "tcpscope: --ring 64G: more than half of this host's memory (" +
+                         std::to_string(phys >> 20) + " MiB)\n");
+  }
   // A file that is no network namespace (its inode once became the filter).
   for (const char* not_netns : {"/etc/passwd", "/proc/self/ns/mnt"}) {
     r = run_cmd({tcpscope_binary(), "--netns", not_netns, "--duration", "0.1"});
