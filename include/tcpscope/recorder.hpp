@@ -5,8 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tcpscope/closewait.hpp"
@@ -17,16 +19,19 @@
 
 namespace tcpscope {
 
-// The last `capacity` records, preallocated: push() never allocates, so the
-// recorder can run for weeks at a fixed memory cost.
+// The last `capacity` records, allocated once: push() never allocates, so
+// the recorder can run for weeks at a fixed memory cost. The slots are left
+// uninitialised (only those written are read), so the pages come as records
+// fill them: a large ring neither takes its whole size at the start nor
+// spends seconds zeroing it.
 class EventRing {
  public:
-  explicit EventRing(size_t capacity) : buf_(capacity ? capacity : 1) {}
+  explicit EventRing(size_t capacity) : cap_(capacity ? capacity : 1), buf_(new Event[cap_]) {}
 
   void push(const Event& ev) {
     buf_[head_] = ev;
-    if (++head_ == buf_.size()) head_ = 0;
-    if (size_ < buf_.size())
+    if (++head_ == cap_) head_ = 0;
+    if (size_ < cap_)
       ++size_;
     else
       wrapped_ = true;
@@ -34,19 +39,21 @@ class EventRing {
   // True once the oldest records have been overwritten.
   bool wrapped() const { return wrapped_; }
   size_t size() const { return size_; }
-  size_t capacity() const { return buf_.size(); }
+  size_t capacity() const { return cap_; }
   // Oldest first.
   template <typename F>
   void for_each(F&& f) const {
-    size_t i = size_ < buf_.size() ? 0 : head_;
+    size_t i = size_ < cap_ ? 0 : head_;
     for (size_t n = 0; n < size_; ++n) {
       f(buf_[i]);
-      if (++i == buf_.size()) i = 0;
+      if (++i == cap_) i = 0;
     }
   }
 
  private:
-  std::vector<Event> buf_;
+  size_t cap_;
+  static_assert(std::is_trivially_default_constructible_v<Event>, "new Event[] must not zero");
+  std::unique_ptr<Event[]> buf_;  // new Event[]: trivial, so not zeroed
   size_t head_ = 0, size_ = 0;
   bool wrapped_ = false;
 };

@@ -787,6 +787,29 @@ TEST(Capture, DiskFullLeavesAValidFile) {
 
 // ---- flight recorder --------------------------------------------------------------------
 
+// Resident memory of this process, bytes (/proc/self/statm).
+uint64_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  uint64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+}
+
+// A large ring costs memory as records fill it, not at its creation (it
+// was zeroed whole at the start: seconds and all of its size for --ring 8G).
+TEST(FlightRing, TakesMemoryAsItFills) {
+  const uint64_t before = resident_bytes();
+  EventRing ring((1u << 30) / sizeof(Event));  // 1 GiB
+  for (uint64_t i = 0; i < 1000; ++i) ring.push(make_event(i));
+  EXPECT_LT(resident_bytes(), before + (64u << 20));
+  EXPECT_EQ(ring.size(), 1000u);
+  std::vector<uint64_t> seen;
+  ring.for_each([&](const Event& e) { seen.push_back(e.ts_ns); });
+  ASSERT_EQ(seen.size(), 1000u);
+  EXPECT_EQ(seen.front(), make_event(0).ts_ns);
+  EXPECT_EQ(seen.back(), make_event(999).ts_ns);
+}
+
 TEST(FlightRing, KeepsTheLastCapacityInOrder) {
   EventRing ring(5);
   std::vector<uint64_t> seen;
