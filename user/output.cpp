@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <cstring>
 
@@ -361,47 +362,54 @@ class IdentityTextCache {
   // Writes id's text; stored for the next time if it fits an entry.
   template <typename Put>
   void put(LineWriter& line, const Identity& id, Put&& format) {
-    if (!id.conn) return format(line, id);
+    if (!id.conn || id.comm.size() > sizeof(Key::comm)) return format(line, id);
+    const Key key = Key::of(id);
     Entry& e = entries_[CookieHash{}(id.conn) & (kEntries - 1)];
-    if (e.len && e.conn == id.conn && e.netns == id.netns && e.pid == id.pid &&
-        e.lport == id.lport && e.rport == id.rport && e.family == id.family &&
-        std::memcmp(e.laddr, id.laddr, sizeof(e.laddr)) == 0 &&
-        std::memcmp(e.raddr, id.raddr, sizeof(e.raddr)) == 0 &&
-        std::string_view(e.comm, e.comm_len) == id.comm) {
+    if (e.len && e.key == key) {
       line.text(std::string_view(e.text, e.len));
       return;
     }
     char* const start = line.pos();
     format(line, id);
     const auto len = static_cast<size_t>(line.pos() - start);
-    if (len > sizeof(e.text) || id.comm.size() > sizeof(e.comm)) {
+    if (len > sizeof(e.text)) {
       e.len = 0;
       return;
     }
-    e.conn = id.conn;
-    e.netns = id.netns;
-    e.pid = id.pid;
-    e.lport = id.lport;
-    e.rport = id.rport;
-    e.family = id.family;
-    std::memcpy(e.laddr, id.laddr, sizeof(e.laddr));
-    std::memcpy(e.raddr, id.raddr, sizeof(e.raddr));
-    e.comm_len = static_cast<uint8_t>(id.comm.size());
-    std::memcpy(e.comm, id.comm.data(), id.comm.size());
+    e.key = key;
     e.len = static_cast<uint16_t>(len);
     std::memcpy(e.text, start, len);
   }
 
  private:
   static constexpr size_t kEntries = 512;
-  struct Entry {
+  // Every field of an Identity, by value: equal keys, equal text.
+  struct Key {
     uint64_t conn = 0;
     uint32_t netns = 0, pid = 0;
     uint16_t lport = 0, rport = 0;
-    uint16_t len = 0;  // of text; 0: empty
     uint8_t family = 0, comm_len = 0;
-    uint8_t laddr[16]{}, raddr[16]{};
-    char comm[16]{};
+    std::array<uint8_t, 16> laddr{}, raddr{};
+    std::array<char, 16> comm{};
+    bool operator==(const Key&) const = default;
+    static Key of(const Identity& id) {
+      Key k;
+      k.conn = id.conn;
+      k.netns = id.netns;
+      k.pid = id.pid;
+      k.lport = id.lport;
+      k.rport = id.rport;
+      k.family = id.family;
+      k.comm_len = static_cast<uint8_t>(id.comm.size());
+      std::memcpy(k.laddr.data(), id.laddr, k.laddr.size());
+      std::memcpy(k.raddr.data(), id.raddr, k.raddr.size());
+      std::memcpy(k.comm.data(), id.comm.data(), id.comm.size());
+      return k;
+    }
+  };
+  struct Entry {
+    Key key;
+    uint16_t len = 0;  // of text; 0: empty
     char text[200];
   };
   std::vector<Entry> entries_;
